@@ -1,0 +1,17 @@
+"""vlmcompress: declarative compression recipes for vision-language models.
+
+    import vlmcompress
+    model = vlmcompress.apply("recipes/quickstart.yaml")          # writes the recipe's output folder too
+    model = vlmcompress.load("out/tiny-clip-tome")                  # reload it (no remote code)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .checkpoint import load
+from .orchestrator import apply
+from .recipe import Recipe, load_recipe
+from .registry import list_methods, register_method
+
+__all__ = ["Recipe", "__version__", "apply", "list_methods", "load", "load_recipe", "register_method"]

@@ -1,0 +1,145 @@
+"""Compressed checkpoints: a folder that stock transformers loads with `trust_remote_code=True`.
+
+Layout: `config.json` (custom `model_type`, pruning record, `token_reduction` block, `auto_map`),
+`model*.safetensors`, the modeling files copied flat, `recipe.yaml` (resolved), `report.json`, `README.md` (model
+card) and the source's processor files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .modeling import configuration_vlmcompress as cfg_mod
+from .modeling import modeling_vlmcompress as model_mod
+
+MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_FILES = ("configuration_vlmcompress.py", "modeling_vlmcompress.py", "reduction.py", "shapes.py",
+                  "token_ops.py")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("vlmcompress", "torch", "transformers", "torch-pruning", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def stock_class_name(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in model_mod.COMPRESSED_CLASSES:
+            return cls.__name__
+    raise ModelLoadError(f"no compressed class for {type(model).__name__}")
+
+
+def per_layer_summary(adapter, model: nn.Module) -> dict[str, dict[str, list[int]]]:
+    """`{"layer_num_heads": {component: [...]}, "layer_intermediate_sizes": {component: [...]}}` for people."""
+    heads: dict[str, list[int]] = {}
+    widths: dict[str, list[int]] = {}
+    for unit in adapter.attention_units(model):
+        q = unit.module.get_submodule(unit.qkv or unit.q)
+        n = q.out_features // unit.head_dim // (3 if unit.qkv else 1)
+        heads.setdefault(unit.component, []).append(n)
+    for unit in adapter.mlp_units(model):
+        widths.setdefault(unit.component, []).append(unit.module.get_submodule(unit.down).in_features)
+    return {"layer_num_heads": heads, "layer_intermediate_sizes": widths}
+
+
+def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_model: str) -> nn.Module:
+    """Turn `model` (already pruned / patched in place) into its compressed class with the record in its config.
+
+    The class swap is safe: compressed classes only add construction steps (already done in place) and, for LLaVA,
+    prompt shrinking. Returns the same object.
+    """
+    model_cls, config_cls, autos = model_mod.COMPRESSED_CLASSES[stock_class_name(model)]
+    data = model.config.to_dict()
+    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
+        data.pop(key, None)
+    data["vlmcompress"] = {"format_version": cfg_mod.FORMAT_VERSION, "base_model": base_model,
+                           "param_shapes": compression["param_shapes"], "module_attrs": compression["module_attrs"],
+                           **per_layer_summary(adapter, model), "versions": library_versions()}
+    data["token_reduction"] = compression.get("token_reduction")
+    config = config_cls.from_dict(data)
+    config.architectures = [model_cls.__name__]
+    config.auto_map = {"AutoConfig": f"configuration_vlmcompress.{config_cls.__name__}"}
+    config.auto_map |= {auto: f"modeling_vlmcompress.{model_cls.__name__}" for auto in autos}
+    config._attn_implementation = model.config._attn_implementation
+    model.config = config
+    model.__class__ = model_cls
+    if getattr(model, "generation_config", None) is not None and hasattr(model.generation_config, "_from_model_config"):
+        model.generation_config._from_model_config = False
+    return model
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | None = None,
+                    report: dict | None = None, processor: Any = None, card: str | None = None) -> None:
+    """Write a compressed model (see `to_compressed`) and everything beside it into `folder` (must not exist)."""
+    folder = Path(folder)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    for name in MODELING_FILES:
+        shutil.copyfile(MODELING_DIR / name, folder / name)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    if recipe_yaml is not None:
+        (folder / "recipe.yaml").write_text(recipe_yaml)
+    if report is not None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if card is not None:
+        (folder / "README.md").write_text(card)
+
+
+def register_classes() -> None:
+    """Register the compressed config / model classes with the transformers Auto classes (no remote code)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    autos = {"AutoModel": AutoModel, "AutoModelForImageTextToText": AutoModelForImageTextToText}
+    for model_cls, config_cls, names in model_mod.COMPRESSED_CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        for name in names:
+            autos[name].register(config_cls, model_cls, exist_ok=True)
+
+
+def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
+         meta: bool = False) -> nn.Module:
+    """Load a vlmcompress checkpoint with the installed vlmcompress classes (never runs code from the folder).
+
+    Args:
+        folder: a folder written by `vlmcompress apply`.
+        dtype: `"float32"`, `"bfloat16"`, a `torch.dtype`, or None for the checkpoint's dtype.
+        device_map: passed to `from_pretrained` (e.g. `"auto"`, needs accelerate).
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"'{folder}' has no config.json; expected a folder written by `vlmcompress apply`")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"'{config_file}' is not valid JSON ({e}); the checkpoint is corrupt") from None
+    match = [v for v in model_mod.COMPRESSED_CLASSES.values() if v[1].model_type == model_type]
+    if not match:
+        raise ModelLoadError(f"'{folder}' has model_type '{model_type}', not a vlmcompress checkpoint; "
+                             "load it with transformers directly")
+    register_classes()
+    model_cls, config_cls, _ = match[0]
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if meta:
+        config = config_cls.from_pretrained(folder)
+        with torch.device("meta"):
+            return model_cls._from_config(config).eval()
+    try:
+        return model_cls.from_pretrained(folder, dtype=dtype, device_map=device_map).eval()
+    except Exception as e:
+        raise ModelLoadError(f"could not load '{folder}' ({str(e).splitlines()[0][:200]}); "
+                             "the checkpoint may be incomplete or corrupt") from None

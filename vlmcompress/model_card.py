@@ -1,0 +1,38 @@
+"""The `README.md` model card written into every checkpoint: Hub metadata plus what was done and measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from torch import nn
+
+
+def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
+    methods = [s.method for s in recipe.stages]
+    algos = [getattr(s, "algorithm", None) for s in recipe.stages]
+    meta = {
+        "base_model": recipe.model,
+        "library_name": "transformers",
+        "tags": ["vlmcompress", "compressed", report["family"], *methods, *[a for a in algos if a]],
+    }
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {recipe.model} — compressed with vlmcompress", "",
+             f"This checkpoint was produced from `{recipe.model}` by the recipe in `recipe.yaml` "
+             f"({' → '.join(methods)}).", "",
+             "| | before | after | ratio |", "|---|---|---|---|",
+             f"| parameters | {report['params_before']:,} | {report['params_after']:,} | {report['params_ratio']} |"]
+    for comp, tokens in report["tokens_per_layer"].items():
+        lines.append(f"| {comp} tokens (input → last layer) | {tokens[0]} | {tokens[-1]} | "
+                     f"{round(tokens[-1] / tokens[0], 3)} |")
+    lines += ["", "## Stages", ""]
+    for i, stage in enumerate(report["stages"], 1):
+        lines.append(f"{i}. `{stage['method']}`: {len(stage['matched'])} modules changed, parameters "
+                     f"{stage['params_before']:,} → {stage['params_after']:,} ({stage['seconds']} s)")
+    lines += ["", "## How to load", "", "```python", "from transformers import AutoModel",
+              'model = AutoModel.from_pretrained("path/or/hub-id", trust_remote_code=True)',
+              "# or, without running code from the folder:", "import vlmcompress",
+              'model = vlmcompress.load("path/or/hub-id")', "```", "",
+              "The token-reduction layers and per-layer shapes are rebuilt from `config.json` "
+              "(`token_reduction`, `vlmcompress`) by the modeling files in this folder.", ""]
+    return "\n".join(lines)

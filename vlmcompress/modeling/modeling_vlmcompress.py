@@ -1,0 +1,124 @@
+"""Compressed model classes, loadable with `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
+
+Each class is the stock transformers class of its family plus two steps at construction: replay the pruning record
+(smaller per-layer shapes) and patch the token-reducing layers named in `config.token_reduction`. The weights then
+load as usual (any `dtype` / `device_map`). This file and its siblings are copied flat into every checkpoint and
+import only torch, transformers and each other.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (Blip2ForConditionalGeneration, BlipForImageTextRetrieval, CLIPModel,
+                          LlavaForConditionalGeneration, SiglipModel)
+
+from .configuration_vlmcompress import (VlmcBlip2Config, VlmcBlipConfig, VlmcCLIPConfig, VlmcLlavaConfig,
+                                        VlmcSiglipConfig)
+from .reduction import apply_token_reduction, shrink_placeholder_runs
+from .shapes import apply_shape_record, patch_fused_attention
+
+
+def setup_compressed(model: torch.nn.Module) -> None:
+    """Replay the pruning record and the token reduction stored in `model.config` on a freshly built model."""
+    record = getattr(model.config, "vlmcompress", None) or {}
+    apply_shape_record(model, record.get("param_shapes", {}), record.get("module_attrs", {}))
+    patch_fused_attention(model, record.get("param_shapes", {}))
+    apply_token_reduction(model, getattr(model.config, "token_reduction", None))
+
+
+class VlmcCLIPModel(CLIPModel):
+    config_class = VlmcCLIPConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+class VlmcSiglipModel(SiglipModel):
+    config_class = VlmcSiglipConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+class VlmcBlipForImageTextRetrieval(BlipForImageTextRetrieval):
+    config_class = VlmcBlipConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+class VlmcBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
+    config_class = VlmcBlip2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+def llava_image_token_counts(config) -> tuple[int, int]:
+    """(placeholders the processor writes per image, image tokens the reduced vision tower hands to the LLM)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    drop_cls = 1 if config.vision_feature_select_strategy == "default" else 0
+    full = patches + 1 - drop_cls
+    towers = [t for t in (getattr(config, "token_reduction", None) or {}).get("towers", []) if t["component"] == "vision"]
+    if not towers:
+        return full, full
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError("token reduction supports a single int `vision_feature_layer`")
+    applied = layer % (vision.num_hidden_layers + 1)  # hidden_states[0] is the embedding output
+    tokens = towers[0]["tokens_per_layer"][applied - 1] if applied > 0 else towers[0]["num_tokens"]
+    return full, tokens - drop_cls
+
+
+class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA whose prompts shrink to the reduced number of image tokens.
+
+    Modifications: `forward` and `generate` shorten each run of image placeholders written by the processor to the
+    number of tokens the reduced vision tower produces, so prompts built by the saved processor keep working.
+    """
+
+    config_class = VlmcLlavaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+    def _shrink(self, input_ids, *aligned):
+        full, keep = llava_image_token_counts(self.config)
+        if input_ids is None or keep == full:
+            return (input_ids, *aligned)
+        per_row = (input_ids == self.config.image_token_id).sum(dim=1)
+        if bool((per_row % full != 0).any()) or int(per_row.max()) == 0:
+            return (input_ids, *aligned)  # already shortened (or no image): nothing to do
+        return shrink_placeholder_runs(input_ids, self.config.image_token_id, full, keep, *aligned)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
+                **kwargs):
+        if pixel_values is not None:
+            input_ids, attention_mask, position_ids, labels = self._shrink(input_ids, attention_mask, position_ids,
+                                                                           labels)
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                               position_ids=position_ids, labels=labels, **kwargs)
+
+    def generate(self, inputs=None, **kwargs):
+        input_ids = kwargs.pop("input_ids", inputs)
+        if kwargs.get("pixel_values") is not None:
+            input_ids, kwargs["attention_mask"] = self._shrink(input_ids, kwargs.get("attention_mask"))
+        return super().generate(input_ids, **kwargs)
+
+
+# stock class name → (compressed model class, compressed config class, task Auto class names for `auto_map`)
+COMPRESSED_CLASSES = {
+    "CLIPModel": (VlmcCLIPModel, VlmcCLIPConfig, ("AutoModel",)),
+    "SiglipModel": (VlmcSiglipModel, VlmcSiglipConfig, ("AutoModel",)),
+    "BlipForImageTextRetrieval": (VlmcBlipForImageTextRetrieval, VlmcBlipConfig, ("AutoModel",)),
+    "Blip2ForConditionalGeneration": (VlmcBlip2ForConditionalGeneration, VlmcBlip2Config,
+                                      ("AutoModel", "AutoModelForImageTextToText")),
+    "LlavaForConditionalGeneration": (VlmcLlavaForConditionalGeneration, VlmcLlavaConfig,
+                                      ("AutoModel", "AutoModelForImageTextToText")),
+}

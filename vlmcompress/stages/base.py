@@ -1,0 +1,106 @@
+"""What every stage shares: its config base class, capability flags, the run context and the report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+Component = Literal["vision", "text", "qformer", "projector", "llm"]
+COMPONENTS: tuple[str, ...] = ("vision", "text", "qformer", "projector", "llm")
+
+
+class StrictModel(BaseModel):
+    """Base of every user-authored schema: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageConfig(StrictModel):
+    """Base class of a stage's recipe entry; subclasses narrow `method` to a `Literal`."""
+
+    method: str
+
+
+@dataclass
+class StageReport:
+    """What one stage matched, changed and measured. Written into `report.json`."""
+
+    method: str
+    matched: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "matched": self.matched,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "details": self.details,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class RunContext:
+    """Explicit state of one `apply` run, handed to every stage (there is no global session).
+
+    `compression` is the record that the checkpoint is built from: the parameter shapes and module attributes that
+    pruning changed, and the token-reduction block. Stages append to it; nothing else mutates it.
+    """
+
+    model: torch.nn.Module
+    adapter: Any
+    recipe: Any
+    seed: int = 0
+    compression: dict[str, Any] = field(
+        default_factory=lambda: {"param_shapes": {}, "module_attrs": {}, "token_reduction": None}
+    )
+    reports: list[StageReport] = field(default_factory=list)
+    progress: Any = None  # a callable(description: str) supplied by the orchestrator's progress display
+
+
+class Stage:
+    """A recipe step. Subclasses set the capability flags and implement `plan` and `run`.
+
+    Capability flags drive the orchestrator (ordering, data, saving), never `isinstance` checks:
+    `requires_data` (needs the recipe's `data:`), `trains` (updates weights with gradients),
+    `changes_architecture` (changes parameter shapes or the forward pass), `must_be_last` (nothing may follow).
+    """
+
+    requires_data: ClassVar[bool] = False
+    trains: ClassVar[bool] = False
+    changes_architecture: ClassVar[bool] = False
+    must_be_last: ClassVar[bool] = False
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+
+    def check(self, model: torch.nn.Module, adapter: Any) -> None:
+        """Resolve selectors and components against `model` (may be on the meta device); raise on bad input."""
+
+    def plan(self, model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
+        """What this stage would do, computed without weights (for `validate` / `--dry-run`)."""
+        return {}
+
+    def run(self, ctx: RunContext) -> StageReport:
+        raise NotImplementedError
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
