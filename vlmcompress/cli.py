@@ -1,0 +1,211 @@
+"""The `vlmcompress` command line: a thin typer app over the Python API.
+
+Every user error is one line on stderr and exit code 1; set VLMCOMPRESS_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress vision-language models with declarative YAML recipes.\n\n"
+                       "Example: vlmcompress apply recipes/quickstart.yaml")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _friendly(fn):
+    """Turn user errors into one line + exit 1 (tracebacks only with VLMCOMPRESS_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import VlmCompressError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+                raise
+            err_console.print("interrupted: no output folder was written; rerun with --resume to continue "
+                              "after the last completed stage", style="red", highlight=False)
+            raise typer.Exit(130) from None
+        except VlmCompressError as e:
+            if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+                raise
+            for line in str(e).splitlines():
+                err_console.print(f"error: {line}", style="red", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except Exception as e:  # a bug, not a user error: still one line, with the way to the full story
+            if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+                raise
+            err_console.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                              "(set VLMCOMPRESS_DEBUG=1 for the traceback and report it)", style="red",
+                              highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command(epilog="Examples:\n\n  vlmcompress apply recipes/quickstart.yaml\n\n"
+                    "  vlmcompress apply recipes/llava_prune_tome.yaml --output out/llava-small --overwrite\n\n"
+                    "  vlmcompress apply recipe.yaml --resume   # continue after an interrupted run")
+@_friendly
+def apply(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (overrides the recipe)"),
+    resume: bool = typer.Option(False, help="continue after the last completed stage of an interrupted run"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the recipe and print the plan; write nothing"),
+):
+    """Run a compression recipe and write a Hugging Face-loadable checkpoint."""
+    from .orchestrator import apply as run_apply
+
+    if dry_run:
+        return _print_plan(recipe)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display covers saving
+    model = run_apply(recipe, output=output, resume=resume, overwrite=overwrite, progress=True)
+    report = model.vlmcompress_report
+    out = output or model_output(recipe)
+    console.print(f"[green]wrote[/green] {out}: parameters {report['params_before']:,} → {report['params_after']:,} "
+                  f"({report['params_ratio']}×)", highlight=False)
+    for comp, tokens in report["tokens_per_layer"].items():
+        console.print(f"  {comp} tokens per layer: {' → '.join(map(str, tokens))}", highlight=False)
+    console.print(f"  load it: AutoModel.from_pretrained('{out}', trust_remote_code=True)", highlight=False)
+
+
+def model_output(recipe_path: Path) -> str:
+    from .recipe import load_recipe
+
+    return load_recipe(recipe_path).output
+
+
+@app.command(epilog="Example:\n\n  vlmcompress validate recipes/quickstart.yaml")
+@_friendly
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML file")):
+    """Check a recipe against a weightless (meta-device) model and print the plan. Never trains or writes."""
+    _print_plan(recipe)
+
+
+def _print_plan(recipe_path: Path) -> None:
+    from .adapters import adapter_for
+    from .models import load_model
+    from .orchestrator import build_stages
+    from .recipe import load_recipe
+    from .stages.base import count_params
+
+    recipe = load_recipe(recipe_path)
+    stages = build_stages(recipe)
+    model, _ = load_model(recipe.model, recipe.dtype, recipe.trust_remote_code, meta=True)
+    adapter = adapter_for(model)
+    for stage in stages:
+        stage.check(model, adapter)
+    console.print(f"[bold]{recipe_path}[/bold]: model {recipe.model} ({adapter.family}, "
+                  f"{count_params(model):,} parameters) → {recipe.output}", highlight=False)
+    table = Table("#", "method", "plan (before → after; estimated from shapes, no weights)")
+    for i, stage in enumerate(stages, 1):
+        plan = stage.plan(model, adapter)
+        table.add_row(str(i), stage.config.method, _format_plan(plan))
+    console.print(table)
+    console.print("recipe is valid; nothing was written", style="green")
+
+
+def _format_plan(plan: dict) -> str:
+    lines = []
+    for key, value in plan.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v[0]:,} → {v[1]:,}" if isinstance(v, list) and len(v) == 2 else f"{k} {v}"
+                              for k, v in value.items())
+            lines.append(f"{key}: {inner}")
+        elif isinstance(value, list) and len(value) == 2 and key == "tokens":
+            lines.append(f"tokens {value[0]} → {value[1]}")
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+@app.command(epilog="Examples:\n\n  vlmcompress inspect tiny-llava\n\n  vlmcompress inspect out/tiny-clip-tome --json")
+@_friendly
+def inspect(
+    model: str = typer.Argument(..., help="a local folder, a built-in name or a Hub id"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+):
+    """Show a model's family, components, heads and widths per layer, token schedule and parameters."""
+    from .adapters import adapter_for
+    from .checkpoint import per_layer_summary
+    from .models import load_model
+    from .stages.base import count_params
+
+    m, _ = load_model(model, meta=True)
+    adapter = adapter_for(m)
+    summary = per_layer_summary(adapter, m)
+    reduction = getattr(m.config, "token_reduction", None) or {}
+    info = {"model": model, "class": type(m).__name__, "family": adapter.family, "parameters": count_params(m),
+            "components": {name: sum(p.numel() for p in mod.parameters())
+                           for name, mod in adapter.components(m).items()},
+            **summary,
+            "token_reduction": {t["component"]: {"algorithm": reduction["algorithm"], "r": t["r"],
+                                                 "tokens_per_layer": [t["num_tokens"], *t["tokens_per_layer"]]}
+                                for t in reduction.get("towers", [])}}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    console.print(f"[bold]{model}[/bold]: {info['class']} ({info['family']}), {info['parameters']:,} parameters",
+                  highlight=False)
+    table = Table("component", "parameters", "layers", "heads per layer", "MLP width per layer", "tokens per layer")
+    for comp, params in info["components"].items():
+        heads = info["layer_num_heads"].get(comp, [])
+        widths = info["layer_intermediate_sizes"].get(comp, [])
+        tokens = info["token_reduction"].get(comp, {}).get("tokens_per_layer")
+        table.add_row(comp, f"{params:,}", str(max(len(heads), len(widths))), " ".join(map(str, heads)),
+                      " ".join(map(str, widths)), " → ".join(map(str, tokens)) if tokens else "-")
+    console.print(table)
+
+
+@app.command("list-methods")
+@_friendly
+def list_methods_cmd():
+    """List the stage methods a recipe can use."""
+    from .registry import list_methods
+
+    table = Table("method", "description", "keys")
+    for entry in list_methods():
+        keys = ", ".join(k for k in entry.config_cls.model_fields if k != "method")
+        table.add_row(entry.name, entry.summary, keys)
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def env():
+    """Print versions and hardware facts to paste into a bug report."""
+    import torch
+
+    from .checkpoint import library_versions
+
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            **library_versions(), "torch threads": torch.get_num_threads(),
+            "cuda available": torch.cuda.is_available()}
+    for key, value in info.items():
+        console.print(f"- {key}: {value}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
