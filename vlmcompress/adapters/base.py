@@ -151,3 +151,22 @@ def _bert_attention(name: str, component: str, layer: int, module: nn.Module, se
                          head_dim=inner.attention_head_size, num_heads=heads, num_kv_heads=heads,
                          q=p + "query", k=p + "key", v=p + "value", out="output.dense",
                          head_attrs=(p + "num_attention_heads",), width_attrs=(p + "all_head_size",))
+
+
+def encoder_gflops(model: nn.Module, units: list[AttentionUnit], mlps: list[MlpUnit], tokens_in: list[int]) -> float:
+    """Estimated GFLOPs (2 × multiply-adds) of one sample through encoder layers with the given tokens per layer.
+
+    Counts the q/k/v/out and MLP matmuls at each layer's current (possibly pruned) widths plus the two attention
+    matmuls; ignores norms, activations and the patch embedding (a few % of a ViT). Needs shapes only, so it works
+    on the meta device.
+    """
+    total = 0.0
+    for unit, mlp, n in zip(units, mlps, tokens_in):
+        out = get_submodule(unit.module, unit.out)
+        d_model, width = out.out_features, out.in_features
+        qkv = (get_submodule(unit.module, unit.qkv).out_features if unit.qkv else
+               sum(get_submodule(unit.module, p).out_features for p in (unit.q, unit.k, unit.v)))
+        mlp_width = get_submodule(mlp.module, mlp.down).in_features
+        total += 2 * n * (d_model * qkv + width * d_model + (len(mlp.up) + 1) * d_model * mlp_width)
+        total += 2 * 2 * n * n * width
+    return total / 1e9

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from ..adapters import AttentionUnit, MlpUnit, get_submodule
+from ..adapters.base import encoder_gflops
 from ..errors import VlmCompressError
 from ..integrations import torch_pruning as tpi
 from ..modeling.shapes import set_dotted_attr
@@ -194,6 +195,19 @@ class StructuredPruneStage(Stage):
                               "mlp_neurons": [width, width - int(round(r * width))],
                               "unit_params_estimate": [params, int(params * (1 - r))]}
         plan["modules"] = len(atts) + len(mlps)
+        if "vision" in ratios:
+            # FLOPs of the vision encoder at full token count, before and after a uniform cut of the same ratio
+            v_att = [u for u in adapter.attention_units(model) if u.component == "vision"]
+            v_mlp = [u for u in adapter.mlp_units(model) if u.component == "vision"]
+            n0 = adapter.vision_tower(model).num_tokens
+            before = encoder_gflops(model, v_att, v_mlp, [n0] * len(v_att))
+            r_heads = ratios["vision"] if "heads" in self.config.targets else 0.0
+            r_mlp = ratios["vision"] if "mlp" in self.config.targets else 0.0
+            mlp_part = sum(2 * n0 * (len(u.up) + 1) * get_submodule(u.module, u.down).in_features *
+                           get_submodule(u.module, u.down).out_features for u in v_mlp) / 1e9
+            # attention FLOPs scale with the heads kept, MLP FLOPs with the neurons kept
+            after = (before - mlp_part) * (1 - r_heads) + mlp_part * (1 - r_mlp)
+            plan["vision_encoder_gflops_estimate"] = [round(before, 4), round(after, 4)]
         return plan
 
     def run(self, ctx: RunContext) -> StageReport:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from ..adapters.base import encoder_gflops
 from ..errors import VlmCompressError
 from ..modeling.reduction import patch_tower
 from ..modeling.token_ops import parse_r, token_schedule
@@ -57,10 +58,13 @@ class TokenReduceStage(Stage):
         s = self.schedule(model, adapter)
         clamped = [i for i, (a, b) in enumerate(zip(s["r"], s["requested_r"])) if a < b]
         n0 = s["num_tokens"]
-        # attention + MLP cost per layer is roughly linear in tokens for short sequences: report the token ratio
-        mean_tokens = (n0 + sum(s["tokens_per_layer"][:-1])) / len(s["tokens_per_layer"])
+        units = [u for u in adapter.attention_units(model) if u.component == "vision"]
+        mlps = [u for u in adapter.mlp_units(model) if u.component == "vision"]
+        tokens_in = [n0, *s["tokens_per_layer"][:-1]]
+        before = encoder_gflops(model, units, mlps, [n0] * len(tokens_in))
+        after = encoder_gflops(model, units, mlps, tokens_in)
         return {"tokens": [n0, s["tokens_per_layer"][-1]], "tokens_per_layer": s["tokens_per_layer"],
-                "clamped_layers": clamped, "mean_tokens_ratio": round(mean_tokens / n0, 3)}
+                "clamped_layers": clamped, "vision_encoder_gflops_estimate": [round(before, 4), round(after, 4)]}
 
     def run(self, ctx: RunContext) -> StageReport:
         existing = ctx.compression.get("token_reduction")
