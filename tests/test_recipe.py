@@ -344,8 +344,6 @@ def test_per_component_ratio_unknown_component(tmp_path):
     assert "'visoin'" in line and "not allowed" in line
 
 
-@pytest.mark.xfail(strict=True, reason="bug: recipe._literal_values finds no allowed values for a dict[Literal, ...] "
-                                      "key, so the message reads \"expected one of: \" with no list and no hint")
 def test_per_component_ratio_unknown_component_hint(tmp_path):
     path = write(tmp_path, """
         model: tiny-clip
@@ -386,9 +384,6 @@ def test_negative_entry_in_per_layer_list_is_rejected(tmp_path):
     problem(recipe_error(path), f"{path}:5", "stages[0].r", exact=False)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: recipe._fmt_pydantic keeps pydantic's union-member loc tags "
-                                      "('constrained-float', 'constrained-int') in the YAML path and reports "
-                                      "every union branch's error (e.g. 'should be a valid dictionary' for ratio 1.0)")
 @pytest.mark.parametrize("stage, yaml_path", [
     ("{method: structured_prune, ratio: 1.0}", "stages[0].ratio"),
     ("{method: token_reduce, r: 2.5}", "stages[0].r"),

@@ -166,3 +166,17 @@ def test_custom_method_gone_after_cleanup():
     assert "my_method" not in [m.name for m in list_methods()]
     with pytest.raises(UnknownMethodError):
         get_method("my_method")
+
+
+def test_register_method_rejects_mismatched_literal():
+    from typing import Literal
+
+    from vlmcompress.errors import VlmCompressError
+    from vlmcompress.registry import register_method
+    from vlmcompress.stages.base import Stage, StageConfig
+
+    class BarConfig(StageConfig):
+        method: Literal["bar"]
+
+    with pytest.raises(VlmCompressError, match="expected Literal\\['foo'\\]"):
+        register_method("foo", BarConfig, Stage)

@@ -107,7 +107,7 @@ def load_recipe(source: str | Path | dict, overrides: dict[str, Any] | None = No
 
 def _read_text(source: str | Path) -> tuple[str, str]:
     path = Path(source)
-    if isinstance(source, str) and "\n" in source:
+    if isinstance(source, str) and ("\n" in source or (": " in source and not path.exists())):
         return source, "<recipe>"
     if not path.is_file():
         raise RecipeError(f"recipe file '{source}' not found; expected a YAML file, e.g. recipes/quickstart.yaml")
@@ -135,12 +135,12 @@ def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> R
         try:
             stages.append(entry.config_cls.model_validate(raw))
         except ValidationError as e:
-            problems += [_fmt_pydantic(filename, lines, entry.config_cls, err, loc) for err in e.errors()]
+            problems += [_fmt_pydantic(filename, lines, entry.config_cls, err, loc) for err in _one_per_loc(e)]
     top = {k: v for k, v in data.items() if k != "stages"}
     try:
         recipe = Recipe.model_validate(top | {"stages": []})
     except ValidationError as e:
-        problems = [_fmt_pydantic(filename, lines, Recipe, err, ()) for err in e.errors()] + problems
+        problems = [_fmt_pydantic(filename, lines, Recipe, err, ()) for err in _one_per_loc(e)] + problems
         recipe = None
     if problems:
         raise RecipeError("\n".join(problems))
@@ -154,8 +154,30 @@ def _fmt(filename: str, lines: dict[tuple, int], loc: tuple, message: str) -> st
     return f"{where}: {_yaml_path(loc) or '(top level)'}: {message}"
 
 
+_BRANCH_PREFIXES = ("constrained-", "function-")
+_BRANCH_NAMES = {"int", "float", "str", "bool", "list", "tuple", "dict"}
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch tags (`constrained-float`, `list[int]`, ...) from an error location."""
+    return tuple(x for x in loc if not (isinstance(x, str) and
+                                        ("[" in x or x.startswith(_BRANCH_PREFIXES) or x in _BRANCH_NAMES)))
+
+
+def _one_per_loc(error: ValidationError) -> list[dict]:
+    """One error per location: for a union, the branch that matched the input's type says what is wrong."""
+    chosen: dict[tuple, dict] = {}
+    for err in error.errors():
+        loc = _clean_loc(err["loc"])
+        # "Input should be a valid list" comes from a union branch the input never tried to be
+        wrong_type = err["type"].endswith("_type") or err["type"] == "dict_type"
+        if loc not in chosen or (chosen[loc]["_wrong_type"] and not wrong_type):
+            chosen[loc] = err | {"loc": loc, "_wrong_type": wrong_type}
+    return list(chosen.values())
+
+
 def _fmt_pydantic(filename: str, lines: dict[tuple, int], cls: type[BaseModel], err: dict, prefix: tuple) -> str:
-    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
+    loc = _clean_loc(err["loc"])
     kind, message = err["type"], err["msg"]
     if kind == "extra_forbidden":
         valid = _fields_at(cls, loc[:-1])
@@ -204,8 +226,11 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
 
 def _literal_values(cls: type[BaseModel], loc: tuple) -> list[str]:
     names = [p for p in loc if isinstance(p, str)]
-    model = _model_at(cls, tuple(names[:-1])) if names else None
-    field = model.model_fields.get(names[-1]) if model else None
+    field = None
+    while names and field is None:  # a dict key (e.g. a component name) is not a field: use its dict's field
+        model = _model_at(cls, tuple(names[:-1]))
+        field = model.model_fields.get(names[-1]) if model else None
+        names = names[:-1]
     if field is None:
         return []
     return [str(v) for t in _unwrap(field.annotation) if typing.get_origin(t) is Literal for v in typing.get_args(t)]

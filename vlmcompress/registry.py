@@ -38,6 +38,13 @@ def register_method(name: str, config_cls: type, stage_cls: type, summary: str =
     method_field = getattr(config_cls, "model_fields", {}).get("method")
     if method_field is None:
         raise VlmCompressError(f"{config_cls.__name__} has no `method` field; add `method: Literal[{name!r}]`")
+    import typing
+
+    allowed = typing.get_args(method_field.annotation)
+    if allowed != (name,):
+        raise VlmCompressError(
+            f"{config_cls.__name__}.method is {method_field.annotation}, expected Literal[{name!r}] to match the name"
+        )
     _METHODS[name] = MethodEntry(name, config_cls, stage_cls, summary or (stage_cls.__doc__ or "").split("\n")[0])
 
 

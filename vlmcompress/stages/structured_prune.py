@@ -154,6 +154,8 @@ class StructuredPruneStage(Stage):
         ratio = self.config.ratio
         present = set(adapter.components(model))
         if isinstance(ratio, dict):
+            if not ratio:
+                raise VlmCompressError("structured_prune.ratio is an empty map; give a float or e.g. {vision: 0.5}")
             missing = [c for c in ratio if c not in present]
             if missing:
                 raise VlmCompressError(
@@ -170,7 +172,9 @@ class StructuredPruneStage(Stage):
         def keep(unit) -> bool:
             if ratios.get(unit.component, 0.0) <= 0.0:
                 return False
-            names = [unit.name] + [f"{unit.name}.{p}" for p in _projection_names(unit)]
+            parts = unit.name.split(".")
+            parents = [".".join(parts[:i]) for i in range(1, len(parts))]  # ignoring a layer ignores its units
+            names = parents + [unit.name] + [f"{unit.name}.{p}" for p in _projection_names(unit)]
             return not any(matches(s, n) for s in ignore for n in names)
 
         atts = [u for u in adapter.attention_units(model) if keep(u)] if "heads" in self.config.targets else []
