@@ -323,3 +323,18 @@ def test_empty_ratio_map_is_an_error():
     recipe = {"model": "tiny-clip", "output": "unused", "stages": [{"method": "structured_prune", "ratio": {}}]}
     with pytest.raises(VlmCompressError, match="empty map"):
         vlmcompress.apply(recipe, save=False, progress=False)
+
+
+def test_ignore_by_projection_name_in_blip2_qformer():
+    import vlmcompress
+
+    base = BUILTIN_TINY["tiny-blip2"].tiny_model()
+    name = "qformer.encoder.layer.0.output_query.dense.weight"
+    recipe = {"model": "tiny-blip2", "output": "unused", "stages": [
+        {"method": "structured_prune", "ratio": 0.5, "targets": ["mlp"],
+         "ignore": ["qformer.encoder.layer.0.output_query.dense"]}]}
+    model = vlmcompress.apply(recipe, save=False, progress=False)
+    after = dict(model.named_parameters())
+    assert after[name].shape == dict(base.named_parameters())[name].shape
+    other = "qformer.encoder.layer.1.output_query.dense.weight"
+    assert after[other].shape[1] < dict(base.named_parameters())[other].shape[1]

@@ -104,7 +104,7 @@ def _load_processor(name: str) -> Any:
 
     for loader in (AutoProcessor, AutoTokenizer):
         try:
-            return loader.from_pretrained(name)
+            return loader.from_pretrained(name, trust_remote_code=False)
         except Exception:  # a model without a processor or tokenizer is fine
             continue
     return None

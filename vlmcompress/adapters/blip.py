@@ -43,7 +43,7 @@ class BlipAdapter(ModelAdapter):
         _seeded_init(seed)
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     vocab_size=100, encoder_hidden_size=32, max_position_embeddings=32, bos_token_id=1,
-                    eos_token_id=3, pad_token_id=0, sep_token_id=3)
+                    eos_token_id=3, pad_token_id=0, sep_token_id=3, initializer_range=0.02)
         config = BlipConfig(vision_config=TINY_VISION, text_config=text, projection_dim=16, image_text_hidden_size=16)
         return BlipForImageTextRetrieval(config).eval()
 

@@ -8,7 +8,7 @@ from torch import nn
 from .base import ModelAdapter, VisionTower, _layers_units, _patch_tokens, _pixel_values, _seeded_init
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   image_size=32, patch_size=4, num_channels=3)
+                   image_size=32, patch_size=4, num_channels=3, initializer_range=0.02)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
                  max_position_embeddings=32, bos_token_id=1, eos_token_id=3, pad_token_id=0)
 

@@ -106,10 +106,21 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                                position_ids=position_ids, labels=labels, **kwargs)
 
     def generate(self, inputs=None, **kwargs):
-        input_ids = kwargs.pop("input_ids", inputs)
+        """As `LlavaForConditionalGeneration.generate`; the returned sequences start with the prompt as given (full
+        placeholder runs), so `out[:, prompt_length:]` is the generated text as with the stock model."""
+        prompt = kwargs.pop("input_ids", inputs)
+        input_ids = prompt
         if kwargs.get("pixel_values") is not None:
-            input_ids, kwargs["attention_mask"] = self._shrink(input_ids, kwargs.get("attention_mask"))
-        return super().generate(input_ids, **kwargs)
+            input_ids, kwargs["attention_mask"] = self._shrink(prompt, kwargs.get("attention_mask"))
+        out = super().generate(input_ids, **kwargs)
+        if input_ids is prompt or prompt is None:
+            return out
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = torch.cat([prompt, sequences[:, input_ids.shape[1]:]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
 
 
 # stock class name → (compressed model class, compressed config class, task Auto class names for `auto_map`)

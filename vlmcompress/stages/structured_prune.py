@@ -168,14 +168,15 @@ class StructuredPruneStage(Stage):
     def units(self, model, adapter) -> tuple[list[AttentionUnit], list[MlpUnit]]:
         ratios = self.ratios(adapter, model)
         ignore = self.config.ignore
+        full_names = {id(m): n for n, m in model.named_modules()}
 
         def keep(unit) -> bool:
             if ratios.get(unit.component, 0.0) <= 0.0:
                 return False
             parts = unit.name.split(".")
             parents = [".".join(parts[:i]) for i in range(1, len(parts))]  # ignoring a layer ignores its units
-            names = parents + [unit.name] + [f"{unit.name}.{p}" for p in _projection_names(unit)]
-            return not any(matches(s, n) for s in ignore for n in names)
+            projections = [full_names[id(get_submodule(unit.module, p))] for p in _projection_names(unit)]
+            return not any(matches(s, n) for s in ignore for n in parents + [unit.name] + projections)
 
         atts = [u for u in adapter.attention_units(model) if keep(u)] if "heads" in self.config.targets else []
         mlps = [u for u in adapter.mlp_units(model) if keep(u)] if "mlp" in self.config.targets else []
