@@ -76,9 +76,21 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
     config._attn_implementation = model.config._attn_implementation
     model.config = config
     model.__class__ = model_cls
+    # a stock model loaded by from_pretrained remembers its legacy key renamings (e.g. LLaVA's
+    # `language_model.lm_head`) and would re-apply them on save; the compressed model_type has no such mapping at
+    # load time, so save with the module paths as they are
+    model._weight_conversions = []
     if getattr(model, "generation_config", None) is not None and hasattr(model.generation_config, "_from_model_config"):
         model.generation_config._from_model_config = False
     return model
+
+
+def compression_record(model: nn.Module) -> dict[str, Any]:
+    """The pruning record and token-reduction block of a model (empty for an uncompressed model), so that
+    compressing a compressed checkpoint further, or resuming from a stage checkpoint, keeps what was done before."""
+    record = getattr(model.config, "vlmcompress", None) or {}
+    return {"param_shapes": dict(record.get("param_shapes", {})), "module_attrs": dict(record.get("module_attrs", {})),
+            "token_reduction": getattr(model.config, "token_reduction", None)}
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | None = None,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .checkpoint import library_versions, load, save_checkpoint, to_compressed
+from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
 from .errors import OutputError, StageOrderError
 from .model_card import model_card
 from .models import load_model
@@ -156,7 +156,8 @@ def apply(
     for stage in stages:
         stage.check(model, adapter)
 
-    ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed)
+    ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
+                     compression=compression_record(model))
     params_before = count_params(model)
     work = work_dir_for(out)
     start = 0
@@ -164,9 +165,7 @@ def apply(
         start, folder = _find_resume_point(work, recipe)
         if folder is not None:
             ctx.model = load(folder)
-            record = ctx.model.config.vlmcompress
-            ctx.compression = {"param_shapes": record["param_shapes"], "module_attrs": record["module_attrs"],
-                               "token_reduction": ctx.model.config.token_reduction}
+            ctx.compression = compression_record(ctx.model)
             meta = json.loads((folder / STAGE_META).read_text())
             params_before = meta["params_before_recipe"]
             ctx.reports = [StageReport(**r) for r in meta["reports"]]
