@@ -203,6 +203,143 @@ def env():
         console.print(f"- {key}: {value}", highlight=False)
 
 
+@app.command("eval", epilog="Examples:\n\n  vlmcompress eval shapes-clip\n\n"
+                            "  vlmcompress eval out/shapes-clip-tome --size 2000 --json")
+@_friendly
+def eval_cmd(
+    model: str = typer.Argument(..., help="a local folder, a built-in teacher (shapes-clip) or a Hub id"),
+    size: int = typer.Option(5000, min=10, help="number of shapes test pairs (folds of 1,000)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Accuracy of a dual encoder on the shapes test split: recall@1/5/10 both ways, zero-shot, baselines."""
+    from .adapters import adapter_for
+    from .evaluate import evaluate_dual_encoder
+    from .models import load_model
+
+    m, processor = load_model(model)
+    family = adapter_for(m).family
+    if family not in ("clip", "siglip"):
+        from .errors import VlmCompressError
+
+        raise VlmCompressError(f"eval supports dual encoders (clip, siglip) so far; '{model}' is a {family} model")
+    result = evaluate_dual_encoder(m, processor, size=size)
+    if as_json:
+        print(json.dumps({"model": model, **result}, indent=2))
+        return
+    table = Table("metric", "model", "chance", "majority")
+    for k in (1, 5, 10):
+        for way in ("i2t", "t2i"):
+            majority = f"{result['majority_R@1']:.4f}" if k == 1 else ""
+            table.add_row(f"{way} R@{k}", f"{result[f'{way}_R@{k}']:.4f}", f"{result[f'chance_R@{k}']:.4f}", majority)
+    table.add_row("zero-shot shape", f"{result['zero_shot_shape']:.4f}", f"{result['zero_shot_chance']:.4f}", "")
+    console.print(f"[bold]{model}[/bold] on shapes test ({result['folds']} folds × {result['fold_size']})",
+                  highlight=False)
+    console.print(table)
+
+
+zoo_app = typer.Typer(help="Built-in teachers trained on the shapes world.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("train", epilog="Example:\n\n  vlmcompress zoo train shapes-clip --output /tmp/shapes-clip")
+@_friendly
+def zoo_train(
+    name: str = typer.Argument(..., help="shapes-clip or shapes-clip-small"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder (default: the user cache)"),
+):
+    """Retrain a built-in teacher with its seeded recipe (progress bar; shapes-clip takes about 25 min on 2 cores)."""
+    from .errors import VlmCompressError
+    from .zoo import ZOO, cache_dir, train_and_save
+
+    if name not in ZOO:
+        from .errors import did_you_mean
+
+        raise VlmCompressError(f"unknown teacher '{name}'{did_you_mean(name, ZOO)}; expected one of: {', '.join(ZOO)}")
+    folder = output or cache_dir() / name
+    if folder.exists() and any(folder.iterdir()):
+        raise VlmCompressError(f"'{folder}' already exists and is not empty; choose another --output")
+    result = train_and_save(name, folder)
+    console.print(f"[green]trained[/green] {name} in {result['seconds']} s → {folder}", highlight=False)
+
+
+@zoo_app.command("list")
+@_friendly
+def zoo_list():
+    """List the built-in teachers and whether their shipped weights verify."""
+    from .zoo import ZOO, ZOO_DIR, verify
+
+    for name in ZOO:
+        state = "shipped" if verify(ZOO_DIR / name) else "not shipped (trained into the cache on first use)"
+        console.print(f"- {name}: {state}", highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  vlmcompress bench tiny-clip --batch-sizes 1,8\n\n"
+                    "  vlmcompress bench out/base --against out/tiny-clip-tome --repeats 5   # ratios, interleaved\n\n"
+                    "  vlmcompress bench tiny-llava --threads 2 --json > bench.json")
+@_friendly
+def bench(
+    model: str = typer.Argument(..., help="a local folder (e.g. a `vlmcompress apply` output), a built-in name or "
+                                          "a Hub id"),
+    against: Optional[str] = typer.Option(None, "--against", help="a second model of the same family, measured in "
+                                                                  "the same run; ratios are MODEL ÷ OTHER"),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="comma-separated batch sizes (generators: of the "
+                                                                  "prefill; decode runs at batch 1)"),
+    repeats: int = typer.Option(5, "--repeats", help="timing rounds per workload and batch size"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's setting)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (layout in vlmcompress/bench.py) instead of tables"),
+):
+    """Measure speed and size: GFLOPs, latency, throughput, peak memory, parameters, size on disk, tokens per layer.
+
+    With --against, both models are timed in the same run, interleaved, and speed-ups, FLOPs / parameter / size
+    reductions and realization (speed-up ÷ FLOPs reduction) are printed.
+    """
+    from rich import box
+    from transformers.utils import logging as hf_logging
+
+    from .bench import benchmark, parse_batch_sizes
+
+    hf_logging.disable_progress_bar()  # our own progress display covers loading
+    result = benchmark(model, against, parse_batch_sizes(batch_sizes), repeats, threads, progress=True,
+                       device=device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    machine, what, ratios = result["machine"], result["what"], result["ratios"]
+    console.print(f"[bold]vlmcompress bench[/bold] on {machine['device_name']} ({machine['device']}, "
+                  f"{machine['threads']} threads), torch {machine['torch']}", highlight=False)
+    labels = {name: ("MODEL" if m["role"] == "model" else "OTHER") for name, m in result["models"].items()}
+    table = Table("", "model", "parameters", "size on disk", "vision tokens per layer", box=box.SIMPLE_HEAD)
+    for name, m in result["models"].items():
+        size = m["size_on_disk_bytes"]
+        table.add_row(labels[name], f"{name} ({m['family']})", f"{m['parameters']:,}",
+                      "-" if size is None else f"{size / 2**20:,.2f} MiB",
+                      " → ".join(map(str, m["tokens_per_layer"] or [])))
+    console.print(table)
+    fmt = lambda x, unit="×": "-" if x is None else f"{x:.3f}{unit}"  # noqa: E731
+    for key, description in what["workloads"].items():
+        columns = ["", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB"]
+        table = Table(*columns + (["speed-up med / min", "realization"] if ratios else []), box=box.SIMPLE_HEAD,
+                      title=f"[bold]{key}[/bold]: {description}", title_justify="left")
+        for name, m in result["models"].items():
+            w = m["workloads"][key]
+            for bs, t in w["batch_sizes"].items():
+                row = [labels[name], bs, f"{w['gflops_per_sample']:.4g}", f"{t['ms_median']:.4g}",
+                       f"{t['ms_min']:.4g}", f"{t['samples_per_s']:.4g}",
+                       "-" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.1f}"]
+                if ratios and m["role"] == "against":
+                    r = ratios["workloads"][key]["batch_sizes"][bs]
+                    row += [f"{r['speedup_median']:.3f}× / {r['speedup_min']:.3f}×", fmt(r["realization"], "")]
+                table.add_row(*row)
+        console.print(table)
+    if ratios:
+        flops = ", ".join(f"{k} {fmt(v['flops_reduction'])}" for k, v in ratios["workloads"].items())
+        console.print(f"OTHER vs MODEL (MODEL ÷ OTHER): parameters {fmt(ratios['params_reduction'])}, size on disk "
+                      f"{fmt(ratios['size_reduction'])}, FLOPs {flops}; realization = speed-up ÷ FLOPs reduction",
+                      highlight=False)
+    console.print(f"timing: {what['timing']}\nmemory: {what['memory']}", style="dim", highlight=False)
+
+
 def main() -> None:
     app()
 

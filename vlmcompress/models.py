@@ -21,7 +21,9 @@ STOCK_CLASSES = tuple(c for a in ADAPTERS for c in a.stock_classes)
 
 
 def builtin_names() -> list[str]:
-    return sorted(BUILTIN_TINY)
+    from .zoo import ZOO
+
+    return sorted(BUILTIN_TINY) + sorted(ZOO)
 
 
 def load_model(
@@ -31,6 +33,10 @@ def load_model(
     path = Path(name)
     if path.is_dir():
         return _load_folder(str(path), dtype, trust_remote_code, meta)
+    from .zoo import ZOO, zoo_folder
+
+    if name in ZOO:
+        return _load_folder(str(zoo_folder(name)), dtype, trust_remote_code, meta)
     if name in BUILTIN_TINY:
         adapter = BUILTIN_TINY[name]
         with torch.device("meta") if meta else _nullcontext():
