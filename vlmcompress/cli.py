@@ -316,27 +316,28 @@ def bench(
                       "-" if size is None else f"{size / 2**20:,.2f} MiB",
                       " → ".join(map(str, m["tokens_per_layer"] or [])))
     console.print(table)
-    fmt = lambda x, unit="×": "-" if x is None else f"{x:.3f}{unit}"  # noqa: E731
     for key, description in what["workloads"].items():
-        columns = ["", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB"]
-        table = Table(*columns + (["speed-up med / min", "realization"] if ratios else []), box=box.SIMPLE_HEAD,
+        table = Table("", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB", box=box.SIMPLE_HEAD,
                       title=f"[bold]{key}[/bold]: {description}", title_justify="left")
         for name, m in result["models"].items():
             w = m["workloads"][key]
             for bs, t in w["batch_sizes"].items():
-                row = [labels[name], bs, f"{w['gflops_per_sample']:.4g}", f"{t['ms_median']:.4g}",
-                       f"{t['ms_min']:.4g}", f"{t['samples_per_s']:.4g}",
-                       "-" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.1f}"]
-                if ratios and m["role"] == "against":
-                    r = ratios["workloads"][key]["batch_sizes"][bs]
-                    row += [f"{r['speedup_median']:.3f}× / {r['speedup_min']:.3f}×", fmt(r["realization"], "")]
-                table.add_row(*row)
+                table.add_row(labels[name], bs, f"{w['gflops_per_sample']:.4g}", f"{t['ms_median']:.4g}",
+                              f"{t['ms_min']:.4g}", f"{t['samples_per_s']:.4g}",
+                              "-" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.1f}")
         console.print(table)
     if ratios:
-        flops = ", ".join(f"{k} {fmt(v['flops_reduction'])}" for k, v in ratios["workloads"].items())
-        console.print(f"OTHER vs MODEL (MODEL ÷ OTHER): parameters {fmt(ratios['params_reduction'])}, size on disk "
-                      f"{fmt(ratios['size_reduction'])}, FLOPs {flops}; realization = speed-up ÷ FLOPs reduction",
-                      highlight=False)
+        fmt = lambda x, unit="×": "-" if x is None else f"{x:.3f}{unit}"  # noqa: E731
+        table = Table("workload", "batch", "speed-up (median)", "speed-up (min)", "FLOPs reduction", "realization",
+                      box=box.SIMPLE_HEAD, title="[bold]OTHER vs MODEL[/bold] (MODEL ÷ OTHER; realization = speed-up "
+                                                 "÷ FLOPs reduction)", title_justify="left")
+        for key, w in ratios["workloads"].items():
+            for bs, r in w["batch_sizes"].items():
+                table.add_row(key, bs, fmt(r["speedup_median"]), fmt(r["speedup_min"]), fmt(w["flops_reduction"]),
+                              fmt(r["realization"], ""))
+        console.print(table)
+        console.print(f"reductions (MODEL ÷ OTHER): parameters {fmt(ratios['params_reduction'])}, size on disk "
+                      f"{fmt(ratios['size_reduction'])}", highlight=False)
     console.print(f"timing: {what['timing']}\nmemory: {what['memory']}", style="dim", highlight=False)
 
 

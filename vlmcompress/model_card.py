@@ -13,6 +13,10 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
     algos = [getattr(s, "algorithm", None) for s in recipe.stages]
     meta = {
         "base_model": recipe.model,
+        **({"model-index": [{"name": recipe.output, "results": [{
+            "task": {"type": "image-text-retrieval"},
+            "metrics": [{"type": k, "value": v} for k, v in report["accuracy"]["after"].items()
+                        if k.startswith(("recall@", "zero_shot_shape"))]}]}]} if report.get("accuracy") else {}),
         "library_name": "transformers",
         "tags": ["vlmcompress", "compressed", report["family"], *methods, *[a for a in algos if a]],
     }
@@ -25,6 +29,15 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
     for comp, tokens in report["tokens_per_layer"].items():
         lines.append(f"| {comp} tokens (input → last layer) | {tokens[0]} | {tokens[-1]} | "
                      f"{round(tokens[-1] / tokens[0], 3)} |")
+    accuracy = report.get("accuracy")
+    if accuracy:
+        data = accuracy["data"]
+        lines += ["", f"Accuracy on `{data.get('builtin') or data.get('path') or data.get('hf')}` "
+                      f"({data['split']}, {data.get('size') or 'all'} pairs), measured by `vlmcompress apply`:", "",
+                  "| metric | before | after |", "|---|---|---|"]
+        for metric in ("recall@1", "recall@5", "i2t_R@1", "t2i_R@1", "zero_shot_shape"):
+            if metric in accuracy["before"]:
+                lines.append(f"| {metric} | {accuracy['before'][metric]:.4f} | {accuracy['after'][metric]:.4f} |")
     lines += ["", "## Stages", ""]
     for i, stage in enumerate(report["stages"], 1):
         lines.append(f"{i}. `{stage['method']}`: {len(stage['matched'])} modules changed, parameters "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accuracy import check_guards, eval_rows, measure
 from .adapters import adapter_for
 from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
 from .errors import OutputError, StageOrderError
@@ -158,6 +159,10 @@ def apply(
 
     ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
                      compression=compression_record(model))
+    rows = eval_rows(recipe, model)
+    accuracy_before = measure(model, processor, adapter.family, rows)
+    check_guards(recipe.guards, accuracy_before, accuracy_before, "0")  # metric names and eval data, before any work
+    accuracy_out = accuracy_before
     params_before = count_params(model)
     work = work_dir_for(out)
     start = 0
@@ -172,6 +177,8 @@ def apply(
     elif save and work.exists():
         shutil.rmtree(work)  # a fresh run never reuses stale stage results
 
+    if start > 0:
+        accuracy_out = measure(ctx.model, processor, adapter.family, rows)
     with _Progress(progress, len(stages)) as bar:
         for _ in range(start):
             bar.advance()
@@ -180,15 +187,23 @@ def apply(
             bar.describe(f"stage {i + 1}/{len(stages)}: {stage.config.method}")
             torch.manual_seed(recipe.seed + i)  # each stage's randomness is independent of where a run resumed
             t0 = time.perf_counter()
+            accuracy_in = accuracy_out
             report = stage.run(ctx)
             report.seconds = time.perf_counter() - t0
+            accuracy_out = measure(ctx.model, processor, adapter.family, rows)
+            if accuracy_out is not None:
+                report.details["accuracy"] = {"before": accuracy_in, "after": accuracy_out}
             ctx.reports.append(report)
             if save:
                 _save_stage(ctx, work, i, recipe, params_before)
+            check_guards(recipe.guards, accuracy_before, accuracy_out, f"{i + 1} ({stage.config.method})")
             bar.advance()
 
         model = to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
         report = run_report(ctx, recipe, params_before)
+        if accuracy_before is not None:
+            report["accuracy"] = {"before": accuracy_before, "after": accuracy_out,
+                                  "data": recipe.data.eval.model_dump(mode="json")}
         if save:
             bar.describe("writing the checkpoint")
             _atomic_write_dir(out, lambda tmp: save_checkpoint(

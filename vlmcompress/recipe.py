@@ -53,12 +53,22 @@ class DataSpec(StrictModel):
     eval: DataSource | None = None
 
 
+class Guards(StrictModel):
+    """Accuracy guards checked after every stage against the uncompressed model on `data.eval`."""
+
+    max_drop: dict[str, float] = Field(
+        default_factory=dict,
+        description="largest allowed drop in points (0-100) per metric, e.g. {recall@1: 1.0}; metrics: recall@1, "
+                    "recall@5, recall@10 (mean of both directions), i2t_R@1, t2i_R@1, ..., zero_shot_shape")
+
+
 class Recipe(StrictModel):
     """A compression recipe: which model, where to write it, and the ordered stages."""
 
     model: str = Field(description="a local save_pretrained folder, a built-in name (tiny-clip, ...) or a Hub id")
     output: str = Field(description="folder the compressed checkpoint is written to (created atomically)")
     data: DataSpec | None = None
+    guards: Guards | None = None
     seed: int = 0
     dtype: DType = Field("float32", description="dtype the source model is loaded in")
     trust_remote_code: bool = Field(False, description="allow custom code of the *source* model to run")
@@ -74,6 +84,7 @@ class Recipe(StrictModel):
         """Hash of everything that determines the weights after the first `num_stages` stages."""
         d = self.to_dict()
         key = {k: d[k] for k in ("model", "data", "seed", "dtype")} | {"stages": d["stages"][:num_stages]}
+        # guards decide whether a run stops, never what the weights are: they stay out of the hash
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
