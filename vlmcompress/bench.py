@@ -26,8 +26,9 @@ disk, and tokens at every layer of the vision tower.
 
 JSON layout (`benchmark()`'s return value, `vlmcompress bench --json`); keys are stable:
 
-    {"machine": {"device", "device_name", "threads", "cpu_count", "platform", "python", "torch", "transformers",
-                 "vlmcompress", "date"},
+    {"machine": {"device", "device_name", "threads", "cpu_count", "load_average_1m" (other processes compete for
+                 the CPU when it nears cpu_count), "platform", "python", "torch", "transformers", "vlmcompress",
+                 "date"},
      "what": {"workloads": {workload: description}, "timing", "flops", "memory", "tokens_per_layer", "params",
               "size_on_disk", "ratios"},
      "models": {name: {"source", "role" ("model" | "against"), "family", "class", "dtype",
@@ -36,8 +37,8 @@ JSON layout (`benchmark()`'s return value, `vlmcompress bench --json`); keys are
                        "workloads": {workload: {"gflops_per_sample",
                                                 "batch_sizes": {"1": {"ms_min", "ms_median", "ms_all",
                                                                       "calls_per_measurement", "samples_per_s",
-                                                                      "peak_memory_mb",
-                                                                      decode only: "ms_per_token", "tokens_per_s"}}}}}},
+                                                                      "peak_memory_mb", decode only:
+                                                                      "ms_per_token", "tokens_per_s"}}}}}},
      "ratios": null | {"model", "against", "params_reduction", "size_reduction" (null when a size is null),
                        "workloads": {workload: {"flops_reduction",
                                                 "batch_sizes": {"1": {"speedup_median", "speedup_min",
@@ -80,7 +81,6 @@ TEXT_TOKENS = 32  # text length of the text / ITM workloads and of the generator
 DECODE_STEPS = 16
 WARMUP_CALLS = 2
 MIN_MEASUREMENT_S = 0.02  # a measurement repeats the call until it lasts about this long (tiny models)
-GENERATORS = ("blip2", "llava")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ WORKLOADS: dict[str, list[Workload]] = {
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of `aten._scaled_dot_product_flash_attention_for_cpu` (q·kᵀ and attention·v), as for the CUDA kernels."""
+    """FLOPs of `aten._scaled_dot_product_flash_attention_for_cpu`: q·kᵀ and attention·v, as the CUDA kernels."""
     b, heads, s_q, d_qk = query_shape
     s_k, d_v = key_shape[2], value_shape[3]
     return 2 * b * heads * s_q * s_k * d_qk + 2 * b * heads * s_q * s_k * d_v
@@ -448,10 +448,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     versions = library_versions()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "threads": torch.get_num_threads(),
             "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average_1m": None if load is None else round(load, 2),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": versions.get("transformers"), "vlmcompress": versions.get("vlmcompress"),
             "date": time.strftime("%Y-%m-%d")}
@@ -554,6 +556,7 @@ def benchmark(
 
 
 def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, Any]:
+    machine = machine_info(device)  # before loading: the load average is the one the run starts with
     sources = [("model", model_or_dir)] + ([("against", against)] if against is not None else [])
     loaded: dict[str, dict[str, Any]] = {}
     with _Progress(progress, total=len(sources)) as bar:
@@ -596,7 +599,7 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
                 results[name]["workloads"][w.key]["batch_sizes"][str(bs)] = _timing(
                     times[name], calls, bs, w, peak_memory_mb(fn, device))
     names = list(loaded)
-    return {"machine": machine_info(device), "what": _what(workloads, repeats, device),
+    return {"machine": machine, "what": _what(workloads, repeats, device),
             "models": results,
             "ratios": _ratios(names[0], names[1], results) if len(names) == 2 else None}
 
@@ -606,7 +609,8 @@ def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: _
     model, adapter = entry["model"], entry["adapter"]
     out = {"source": entry["source"], "role": entry["role"], "family": adapter.family, "class": type(model).__name__,
            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-           "parameters": sum(p.numel() for p in model.parameters()), "size_on_disk_bytes": size_on_disk(entry["folder"]),
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "size_on_disk_bytes": size_on_disk(entry["folder"]),
            "tokens_per_layer": None, "workloads": {}}
     for w in workloads:
         bar.step(f"{w.key}: counting FLOPs of {entry['source']}")

@@ -287,12 +287,11 @@ def bench(
     repeats: int = typer.Option(5, "--repeats", help="timing rounds per workload and batch size"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's setting)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON (layout in vlmcompress/bench.py) instead of tables"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (layout: vlmcompress/bench.py) not tables"),
 ):
     """Measure speed and size: GFLOPs, latency, throughput, peak memory, parameters, size on disk, tokens per layer.
 
-    With --against, both models are timed in the same run, interleaved, and speed-ups, FLOPs / parameter / size
-    reductions and realization (speed-up ÷ FLOPs reduction) are printed.
+    With --against, both are timed in one run, interleaved; speed-ups, reductions and realization are printed.
     """
     from rich import box
     from transformers.utils import logging as hf_logging
@@ -306,8 +305,10 @@ def bench(
         print(json.dumps(result, indent=2))
         return
     machine, what, ratios = result["machine"], result["what"], result["ratios"]
+    load = "" if machine["load_average_1m"] is None else f", load average {machine['load_average_1m']}"
     console.print(f"[bold]vlmcompress bench[/bold] on {machine['device_name']} ({machine['device']}, "
-                  f"{machine['threads']} threads), torch {machine['torch']}", highlight=False)
+                  f"{machine['threads']} threads, {machine['cpu_count']} CPUs{load}), torch {machine['torch']}",
+                  highlight=False)
     labels = {name: ("MODEL" if m["role"] == "model" else "OTHER") for name, m in result["models"].items()}
     table = Table("", "model", "parameters", "size on disk", "vision tokens per layer", box=box.SIMPLE_HEAD)
     for name, m in result["models"].items():
@@ -317,8 +318,8 @@ def bench(
                       " → ".join(map(str, m["tokens_per_layer"] or [])))
     console.print(table)
     for key, description in what["workloads"].items():
-        table = Table("", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB", box=box.SIMPLE_HEAD,
-                      title=f"[bold]{key}[/bold]: {description}", title_justify="left")
+        table = Table("", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB",
+                      box=box.SIMPLE_HEAD, title=f"[bold]{key}[/bold]: {description}", title_justify="left")
         for name, m in result["models"].items():
             w = m["workloads"][key]
             for bs, t in w["batch_sizes"].items():

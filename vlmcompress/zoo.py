@@ -55,12 +55,37 @@ class ClipRecipe:
     seed: int = 0
 
 
-ZOO: dict[str, ClipRecipe] = {
+@dataclass(frozen=True)
+class LlavaRecipe:
+    """A shapes VQA model: the vision tower of a shapes CLIP teacher + MLP projector + a small Llama decoder."""
+
+    vision_from: str = "shapes-clip"
+    image_size: int = 80
+    patch_size: int = 8
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 1e-3
+    vision_lr_scale: float = 0.1
+    warmup: float = 0.05
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+ZOO: dict[str, ClipRecipe | LlavaRecipe] = {
     "shapes-clip": ClipRecipe(),
     "shapes-clip-small": ClipRecipe(image_size=32, patch_size=4, vision_hidden=48, vision_layers=2, vision_heads=4,
                                     text_hidden=48, text_layers=1, text_heads=4, projection_dim=48, steps=400,
                                     batch_size=64, lr=3e-3),
+    "shapes-llava": LlavaRecipe(),
+    "shapes-llava-small": LlavaRecipe(vision_from="shapes-clip-small", image_size=32, patch_size=4, text_hidden=48,
+                                      text_layers=1, text_heads=4, text_kv_heads=2, text_intermediate=96, steps=300),
 }
+PROMPT = "user: <image> {question} assistant:"
 
 
 def tokenizer():
@@ -78,13 +103,37 @@ def tokenizer():
                                    pad_token="<pad>", model_max_length=48)
 
 
-def processor(recipe: ClipRecipe):
-    from transformers import CLIPImageProcessor, CLIPProcessor
+def llava_tokenizer():
+    """Word-level tokenizer for the VQA prompts: `<image>` placeholder, `user:` / `assistant:` turns, `<s>` first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    size = recipe.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer())
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ("<image>", "user:", "assistant:"))}
+    for word in shapes.vocabulary():
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left", model_max_length=256,
+                                   extra_special_tokens={"image_token": "<image>"})
+
+
+def _image_processor(size: int):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
+def processor(recipe: ClipRecipe | LlavaRecipe):
+    from transformers import CLIPProcessor, LlavaProcessor
+
+    if isinstance(recipe, LlavaRecipe):
+        return LlavaProcessor(image_processor=_image_processor(recipe.image_size), tokenizer=llava_tokenizer(),
+                              patch_size=recipe.patch_size, vision_feature_select_strategy="default",
+                              image_token="<image>", num_additional_image_tokens=1)
+    return CLIPProcessor(image_processor=_image_processor(recipe.image_size), tokenizer=tokenizer())
 
 
 def pixel_values(images: np.ndarray) -> torch.Tensor:
@@ -142,6 +191,82 @@ def train_clip(recipe: ClipRecipe, on_step: Callable[[int, float], None] | None 
     return model.eval()
 
 
+def build_llava(recipe: LlavaRecipe, vision_state: dict | None = None) -> nn.Module:
+    """A LLaVA model whose vision tower copies `vision_state` (a shapes CLIP teacher's `vision_model`)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    teacher = ZOO[recipe.vision_from]
+    tok = llava_tokenizer()
+    vision = dict(model_type="clip_vision_model", hidden_size=teacher.vision_hidden,
+                  intermediate_size=4 * teacher.vision_hidden, num_hidden_layers=teacher.vision_layers,
+                  num_attention_heads=teacher.vision_heads, image_size=recipe.image_size, patch_size=recipe.patch_size)
+    text = dict(model_type="llama", hidden_size=recipe.text_hidden, intermediate_size=recipe.text_intermediate,
+                num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
+                num_key_value_heads=recipe.text_kv_heads, vocab_size=len(tok), max_position_embeddings=256,
+                bos_token_id=1, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(recipe.seed)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config)
+    if vision_state is not None:
+        model.model.vision_tower.load_state_dict(vision_state)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 3
+    return model
+
+
+def vqa_batch(rows: list[dict], recipe: LlavaRecipe, with_answers: bool) -> dict[str, torch.Tensor]:
+    """Tokenised prompts (left-padded, one `<image>` per patch) and, for training, answer-only labels."""
+    tok = llava_tokenizer()
+    patches = (recipe.image_size // recipe.patch_size) ** 2
+    prompts = [PROMPT.format(question=r["question"]).replace("<image>", " ".join(["<image>"] * patches))
+               for r in rows]
+    texts = [f"{p} {r['answer']} </s>" for p, r in zip(prompts, rows)] if with_answers else prompts
+    batch = tok(texts, padding=True, return_tensors="pt")
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+           "pixel_values": pixel_values(np.stack([r["image"] for r in rows]))}
+    if with_answers:
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, r in enumerate(rows):
+            n = len(r["answer"].split()) + 1  # answer words + </s>, at the end of the left-padded row
+            labels[i, -n:] = batch["input_ids"][i, -n:]
+        out["labels"] = labels
+    return out
+
+
+def train_llava(recipe: LlavaRecipe, on_step: Callable[[int, float], None] | None = None) -> nn.Module:
+    """Next-token loss on the answers of freshly generated shapes questions; the vision tower starts from the
+    CLIP teacher and learns at `vision_lr_scale` × the rate of the projector and decoder."""
+    from safetensors.torch import load_file
+
+    teacher_dir = zoo_folder(recipe.vision_from)
+    state = load_file(str(teacher_dir / "model.safetensors"))
+    vision_state = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
+    model = build_llava(recipe, vision_state).train()
+    config = shapes.ShapesConfig(image_size=recipe.image_size)
+    vision = list(model.model.vision_tower.parameters())
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    opt = torch.optim.AdamW([{"params": vision, "lr": recipe.lr * recipe.vision_lr_scale},
+                             {"params": rest, "lr": recipe.lr}], weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    warm = max(1, int(recipe.warmup * recipe.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
+                                                 (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
+    for step in range(recipe.steps):
+        rows = shapes.generate("train", recipe.batch_size, seed=recipe.seed, config=config,
+                               start=step * recipe.batch_size)
+        loss = model(**vqa_batch(rows, recipe, with_answers=True)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        if on_step:
+            on_step(step, float(loss.detach()))
+    return model.eval()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -189,6 +314,7 @@ def zoo_folder(name: str, retrain: Callable[[str, Path], None] | None = None) ->
 
 def train_and_save(name: str, folder: Path, progress: bool = True) -> dict:
     recipe = ZOO[name]
+    trainer = train_llava if isinstance(recipe, LlavaRecipe) else train_clip
     start = time.perf_counter()
     if progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -196,9 +322,9 @@ def train_and_save(name: str, folder: Path, progress: bool = True) -> dict:
         with Progress(TextColumn(f"training {name}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
             task = bar.add_task(name, total=recipe.steps, loss=float("nan"))
-            model = train_clip(recipe, on_step=lambda s, loss: bar.update(task, completed=s + 1, loss=loss))
+            model = trainer(recipe, on_step=lambda s, loss: bar.update(task, completed=s + 1, loss=loss))
     else:
-        model = train_clip(recipe)
+        model = trainer(recipe)
     seconds = time.perf_counter() - start
     save_zoo_model(name, model, folder, seconds)
     return {"name": name, "seconds": round(seconds, 1), "folder": str(folder)}
