@@ -671,3 +671,21 @@ def _what(workloads: list[Workload], repeats: int, device: torch.device) -> dict
         "ratios": ("MODEL ÷ AGAINST (> 1: AGAINST is faster or smaller); realization = speedup_median ÷ "
                    "flops_reduction"),
     }
+
+
+def quick_speed(model: nn.Module, adapter: ModelAdapter, batch_size: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Median latency and GFLOPs of the family's first workload (image encoding / prefill) on an in-memory model.
+
+    Used by `apply` before and after every stage; the model changes in place between calls, so unlike `benchmark`
+    these measurements cannot be interleaved: compare them as a guide, and use `vlmcompress bench --against` for
+    numbers to publish.
+    """
+    device = next(model.parameters()).device
+    workload = WORKLOADS[adapter.family][0]
+    fn = workload.build(model, adapter, batch_size, device)
+    gflops = count_gflops(fn) / batch_size
+    calls = _calls_per_measurement(fn, device)
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    ms = [timer.timeit(calls).mean * 1e3 for _ in range(repeats)]
+    return {"workload": workload.key, "batch_size": batch_size, "ms_median": round(statistics.median(ms), 3),
+            "ms_min": round(min(ms), 3), "gflops_per_sample": round(gflops, 6), "threads": torch.get_num_threads()}

@@ -211,17 +211,21 @@ def eval_cmd(
     size: int = typer.Option(5000, min=10, help="number of shapes test pairs (folds of 1,000)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
-    """Accuracy of a dual encoder on the shapes test split: recall@1/5/10 both ways, zero-shot, baselines."""
+    """Accuracy on the shapes test split with baselines: recall@1/5/10 both ways and zero-shot for dual encoders,
+    exact-match VQA (with chance, majority-answer and no-image baselines) for LLaVA models."""
     from .adapters import adapter_for
-    from .evaluate import evaluate_dual_encoder
+    from .evaluate import evaluate_dual_encoder, evaluate_vqa
     from .models import load_model
 
     m, processor = load_model(model)
     family = adapter_for(m).family
+    if family == "llava":
+        return _print_vqa(model, evaluate_vqa(m, processor, size=size), as_json)
     if family not in ("clip", "siglip"):
         from .errors import VlmCompressError
 
-        raise VlmCompressError(f"eval supports dual encoders (clip, siglip) so far; '{model}' is a {family} model")
+        raise VlmCompressError(f"eval supports dual encoders (clip, siglip) and LLaVA so far; '{model}' is a {family} "
+                               "model")
     result = evaluate_dual_encoder(m, processor, size=size)
     if as_json:
         print(json.dumps({"model": model, **result}, indent=2))
@@ -237,6 +241,18 @@ def eval_cmd(
     console.print(table)
 
 
+def _print_vqa(model: str, result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"model": model, **result}, indent=2))
+        return
+    table = Table("VQA exact match", "value")
+    for key, value in result.items():
+        if key != "n":
+            table.add_row(key.replace("_", " "), f"{value:.4f}")
+    console.print(f"[bold]{model}[/bold] on {result['n']} shapes test questions", highlight=False)
+    console.print(table)
+
+
 zoo_app = typer.Typer(help="Built-in teachers trained on the shapes world.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
@@ -244,7 +260,7 @@ app.add_typer(zoo_app, name="zoo")
 @zoo_app.command("train", epilog="Example:\n\n  vlmcompress zoo train shapes-clip --output /tmp/shapes-clip")
 @_friendly
 def zoo_train(
-    name: str = typer.Argument(..., help="shapes-clip or shapes-clip-small"),
+    name: str = typer.Argument(..., help="a built-in teacher: shapes-clip, shapes-llava (or their -small variants)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder (default: the user cache)"),
 ):
     """Retrain a built-in teacher with its seeded recipe (progress bar; shapes-clip takes about 25 min on 2 cores)."""

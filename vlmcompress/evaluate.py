@@ -108,3 +108,51 @@ def evaluate_dual_encoder(model: nn.Module, processor: Any, rows: list[dict] | N
     rows = rows if rows is not None else shapes_eval_rows(model, size)
     img, txt = encode(model, processor, [r["image"] for r in rows], [r["text"] for r in rows])
     return recall_at_k(img, txt, [r["text"] for r in rows]) | zero_shot_shape(model, processor, rows)
+
+
+VQA_PROMPT = "user: <image> {question} assistant:"
+
+
+@torch.no_grad()
+def answer_questions(model: nn.Module, processor: Any, images: list, questions: list[str], batch_size: int = 100,
+                     max_new_tokens: int = 3) -> list[str]:
+    """Greedy short answers of a generative VLM, prompts built by its saved processor (left padding)."""
+    answers: list[str] = []
+    for i in range(0, len(images), batch_size):
+        prompts = [VQA_PROMPT.format(question=q) for q in questions[i:i + batch_size]]
+        batch = processor(text=prompts, images=list(images[i:i + batch_size]), padding=True, return_tensors="pt")
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return answers
+
+
+def evaluate_vqa(model: nn.Module, processor: Any, rows: list[dict] | None = None, size: int = 2000) -> dict[str, Any]:
+    """Exact-match VQA accuracy on shapes questions, per question type, with chance, majority-answer and no-image
+    (the same questions asked about a blank grey image) baselines."""
+    if processor is None or not hasattr(processor, "tokenizer"):
+        raise VlmCompressError("this model has no saved processor; VQA evaluation builds prompts with it")
+    rows = rows if rows is not None else shapes_eval_rows(model, size)
+    questions = [r["question"] for r in rows]
+    predicted = answer_questions(model, processor, [r["image"] for r in rows], questions)
+    blank = np.full_like(rows[0]["image"], 128)
+    blind = answer_questions(model, processor, [blank] * len(rows), questions)
+    train = shapes.generate("train", 5000, seed=1, config=shapes.ShapesConfig(image_size=rows[0]["image"].shape[0]))
+    by_type: dict[str, Counter] = {}
+    for r in train:
+        by_type.setdefault(r["qtype"], Counter())[r["answer"]] += 1
+    majority = [by_type[r["qtype"]].most_common(1)[0][0] for r in rows]
+    result: dict[str, Any] = {
+        "vqa_accuracy": _match(predicted, rows), "no_image_accuracy": _match(blind, rows),
+        "majority_accuracy": _match(majority, rows),
+        "chance_accuracy": round(float(np.mean([1 / len(by_type[r["qtype"]]) for r in rows])), 4), "n": len(rows)}
+    for kind in shapes.QUESTION_TYPES:
+        idx = [i for i, r in enumerate(rows) if r["qtype"] == kind]
+        if idx:
+            result[f"vqa_{kind}"] = _match([predicted[i] for i in idx], [rows[i] for i in idx])
+    return result
+
+
+def _match(predicted: list[str], rows: list[dict]) -> float:
+    return round(sum(p == r["answer"] for p, r in zip(predicted, rows)) / max(len(rows), 1), 4)

@@ -38,6 +38,15 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
         for metric in ("recall@1", "recall@5", "i2t_R@1", "t2i_R@1", "zero_shot_shape"):
             if metric in accuracy["before"]:
                 lines.append(f"| {metric} | {accuracy['before'][metric]:.4f} | {accuracy['after'][metric]:.4f} |")
+    speed = report.get("speed")
+    if speed:
+        b, a = speed["before"], speed["after"]
+        lines += ["", f"Speed of `{b['workload']}` at batch {b['batch_size']} ({b['threads']} CPU threads, measured "
+                      "by `apply` before and after; use `vlmcompress bench --against` for interleaved numbers):", "",
+                  "| | before | after | ratio |", "|---|---|---|---|",
+                  f"| ms per batch (median) | {b['ms_median']} | {a['ms_median']} | {speed['speedup']}× faster |",
+                  f"| GFLOPs per sample | {b['gflops_per_sample']} | {a['gflops_per_sample']} | "
+                  f"{speed['flops_reduction']}× fewer |"]
     lines += ["", "## Stages", ""]
     for i, stage in enumerate(report["stages"], 1):
         lines.append(f"{i}. `{stage['method']}`: {len(stage['matched'])} modules changed, parameters "

@@ -19,6 +19,7 @@ from torch import nn
 
 from .accuracy import check_guards, eval_rows, measure
 from .adapters import adapter_for
+from .bench import quick_speed
 from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
 from .errors import OutputError, StageOrderError
 from .model_card import model_card
@@ -161,8 +162,9 @@ def apply(
                      compression=compression_record(model))
     rows = eval_rows(recipe, model)
     accuracy_before = measure(model, processor, adapter.family, rows)
+    speed_before = quick_speed(model, adapter) if rows is not None else None
     check_guards(recipe.guards, accuracy_before, accuracy_before, "0")  # metric names and eval data, before any work
-    accuracy_out = accuracy_before
+    accuracy_out, speed_out = accuracy_before, speed_before
     params_before = count_params(model)
     work = work_dir_for(out)
     start = 0
@@ -179,6 +181,7 @@ def apply(
 
     if start > 0:
         accuracy_out = measure(ctx.model, processor, adapter.family, rows)
+        speed_out = quick_speed(ctx.model, adapter) if speed_before is not None else None
     with _Progress(progress, len(stages)) as bar:
         for _ in range(start):
             bar.advance()
@@ -193,6 +196,9 @@ def apply(
             accuracy_out = measure(ctx.model, processor, adapter.family, rows)
             if accuracy_out is not None:
                 report.details["accuracy"] = {"before": accuracy_in, "after": accuracy_out}
+            if speed_before is not None:
+                speed_in, speed_out = speed_out, quick_speed(ctx.model, adapter)
+                report.details["speed"] = {"before": speed_in, "after": speed_out}
             ctx.reports.append(report)
             if save:
                 _save_stage(ctx, work, i, recipe, params_before)
@@ -204,6 +210,11 @@ def apply(
         if accuracy_before is not None:
             report["accuracy"] = {"before": accuracy_before, "after": accuracy_out,
                                   "data": recipe.data.eval.model_dump(mode="json")}
+        if speed_before is not None:
+            report["speed"] = {"before": speed_before, "after": speed_out,
+                               "speedup": round(speed_before["ms_median"] / speed_out["ms_median"], 3),
+                               "flops_reduction": round(speed_before["gflops_per_sample"] /
+                                                        speed_out["gflops_per_sample"], 3)}
         if save:
             bar.describe("writing the checkpoint")
             _atomic_write_dir(out, lambda tmp: save_checkpoint(
