@@ -84,6 +84,16 @@ def apply(
                   f"({report['params_ratio']}×)", highlight=False)
     for comp, tokens in report["tokens_per_layer"].items():
         console.print(f"  {comp} tokens per layer: {' → '.join(map(str, tokens))}", highlight=False)
+    if "accuracy" in report:
+        before, after = report["accuracy"]["before"], report["accuracy"]["after"]
+        metric = "recall@1" if "recall@1" in before else next(iter(before))
+        console.print(f"  {metric}: {before[metric]:.4f} → {after[metric]:.4f} "
+                      f"({(after[metric] - before[metric]) * 100:+.2f} points)", highlight=False)
+    if "speed" in report:
+        speed = report["speed"]
+        console.print(f"  {speed['before']['workload']} (batch {speed['before']['batch_size']}): "
+                      f"{speed['before']['ms_median']} → {speed['after']['ms_median']} ms ({speed['speedup']}×), "
+                      f"GFLOPs {speed['flops_reduction']}× fewer", highlight=False)
     console.print(f"  load it: AutoModel.from_pretrained('{out}', trust_remote_code=True)", highlight=False)
 
 

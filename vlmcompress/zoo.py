@@ -67,7 +67,7 @@ class LlavaRecipe:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 256
-    steps: int = 1200
+    steps: int = 2400
     batch_size: int = 64
     lr: float = 1e-3
     vision_lr_scale: float = 0.1
