@@ -2,11 +2,13 @@
 
 The built-in world must be sensitive to what compression removes: dropping half of the patch tokens by a naive rule
 after the first layer must cost the teacher at least 3 points of R@1, while ToMe at a similar token budget keeps most
-of it. Variants (no retraining): full model; keep CLS + the 50 % of patch tokens with the largest L2 norm after layer 0;
+of it. Variants (no retraining): full model; keep CLS + the 50 % of patch tokens with the largest L2 norm after
+layer 0;
 keep a random 50 % after layer 0; ToMe with r chosen so that about half of the tokens are gone after layer 0 and
 the count keeps falling.
 
-    python benchmarks/bench_shapes_sensitivity.py --model shapes-clip --size 5000 --json benchmarks/results/shapes_sensitivity.json
+    python benchmarks/bench_shapes_sensitivity.py --model shapes-clip --size 5000 \
+        --json benchmarks/results/shapes_sensitivity.json
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ def main() -> None:
         for r in range(args.rounds):
             for name in order[r % len(order):] + order[: r % len(order)]:
                 # Timer defaults to one thread: time with the threads the process actually uses
-                timer = benchmark.Timer(stmt="encode(m, x)", globals={"encode": encode, "m": models[name], "x": pixels},
-                                        num_threads=torch.get_num_threads())
+                timer = benchmark.Timer(stmt="encode(m, x)", num_threads=torch.get_num_threads(),
+                                        globals={"encode": encode, "m": models[name], "x": pixels})
                 times[name].append(timer.timeit(1).mean * 1e3)
         base = times["baseline"]
         for name, ts in times.items():

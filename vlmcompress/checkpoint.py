@@ -80,8 +80,9 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
     # `language_model.lm_head`) and would re-apply them on save; the compressed model_type has no such mapping at
     # load time, so save with the module paths as they are
     model._weight_conversions = []
-    if getattr(model, "generation_config", None) is not None and hasattr(model.generation_config, "_from_model_config"):
-        model.generation_config._from_model_config = False
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "_from_model_config"):
+        generation_config._from_model_config = False
     return model
 
 

@@ -83,7 +83,8 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         try:
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
-            raise ModelLoadError(f"'{config_file}' is not valid JSON ({e}); re-save or re-download the model") from None
+            raise ModelLoadError(
+                f"'{config_file}' is not valid JSON ({e}); re-save or re-download the model") from None
         if str(raw.get("model_type", "")).startswith("vlmcompress_"):
             from .checkpoint import load
 
@@ -101,7 +102,8 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         else:
             model = cls.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelLoadError(f"could not load the weights of '{name}' ({_short(e)}); the files may be corrupt") from None
+        raise ModelLoadError(
+            f"could not load the weights of '{name}' ({_short(e)}); the files may be corrupt") from None
     return model.eval(), (None if meta else _load_processor(name))
 
 

@@ -130,7 +130,8 @@ def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> R
     raw_stages = data.get("stages", [])
     stages: list[StageConfig] = []
     if not isinstance(raw_stages, list):
-        problems.append(_fmt(filename, lines, ("stages",), f"expected a list of stages, got {type(raw_stages).__name__}"))
+        got = type(raw_stages).__name__
+        problems.append(_fmt(filename, lines, ("stages",), f"expected a list of stages, got {got}"))
         raw_stages = []
     for i, raw in enumerate(raw_stages):
         loc = ("stages", i)

@@ -205,7 +205,8 @@ def build_llava(recipe: LlavaRecipe, vision_state: dict | None = None) -> nn.Mod
                 num_key_value_heads=recipe.text_kv_heads, vocab_size=len(tok), max_position_embeddings=256,
                 bos_token_id=1, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(recipe.seed)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    image_token = tok.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                          projector_hidden_act="gelu", vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config)

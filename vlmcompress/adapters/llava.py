@@ -10,7 +10,8 @@ from .base import (AttentionUnit, ModelAdapter, MlpUnit, VisionTower, _layers_un
 LLM_LAYERS = "model.language_model.layers"
 VISION_LAYERS = "model.vision_tower.encoder.layers"
 TINY_WORDS = ("what", "is", "the", "colour", "shape", "of", "object", "red", "green", "blue", "circle", "square",
-              "triangle", "left", "right", "top", "bottom", "how", "many", "a", "an", "and", "?", "user:", "assistant:")
+              "triangle", "left", "right", "top", "bottom", "how", "many", "a", "an", "and", "?", "user:",
+              "assistant:")
 
 
 class LlavaAdapter(ModelAdapter):

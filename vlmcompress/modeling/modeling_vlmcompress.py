@@ -64,7 +64,8 @@ def llava_image_token_counts(config) -> tuple[int, int]:
     patches = (vision.image_size // vision.patch_size) ** 2
     drop_cls = 1 if config.vision_feature_select_strategy == "default" else 0
     full = patches + 1 - drop_cls
-    towers = [t for t in (getattr(config, "token_reduction", None) or {}).get("towers", []) if t["component"] == "vision"]
+    reduction = getattr(config, "token_reduction", None) or {}
+    towers = [t for t in reduction.get("towers", []) if t["component"] == "vision"]
     if not towers:
         return full, full
     layer = config.vision_feature_layer
