@@ -100,7 +100,8 @@ def test_defaults_are_filled_in():
                      "proportional_attention": True}
     prune = load_recipe(ROUND_TRIP["per_layer_list"]).to_dict()["stages"][1]
     assert prune == {"method": "structured_prune", "importance": "magnitude", "ratio": 0.5,
-                     "targets": ["heads", "mlp"], "ignore": [], "global_ranking": True}
+                     "targets": ["heads", "mlp"], "ignore": [], "global_ranking": True,
+                     "calibration_batches": 4, "calibration_batch_size": 32}
 
 
 def test_resolved_yaml_names_every_default():

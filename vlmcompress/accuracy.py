@@ -20,17 +20,11 @@ def eval_rows(recipe, model: nn.Module) -> list[dict] | None:
     source = recipe.data.eval if recipe.data else None
     if source is None:
         return None
-    if source.builtin == "shapes":
-        from .data import shapes
+    from .data import load_rows
 
-        config = shapes.ShapesConfig(image_size=model.config.vision_config.image_size)
-        rows = shapes.generate(source.split if source.split != "train" else "test", source.size or 2000,
-                               seed=recipe.seed, config=config)
-        return [r | {"shapes": True} for r in rows]
-    from .data import load_source
-
-    dataset = load_source(source, image_size=model.config.vision_config.image_size)
-    return [{"image": row["image"], "text": row["text"]} for row in dataset]
+    if source.builtin == "shapes" and source.split == "train":
+        source = source.model_copy(update={"split": "test"})  # never score on the training split's examples
+    return load_rows(source, model, recipe.seed, source.size or 2000)
 
 
 def measure(model: nn.Module, processor: Any, family: str, rows: list[dict] | None) -> dict[str, float] | None:

@@ -42,6 +42,12 @@ def build_stages(recipe: Recipe) -> list[Stage]:
             )
     if not stages:
         raise StageOrderError("the recipe has no stages; add at least one, e.g. {method: token_reduce, r: 8}")
+    for i, stage in enumerate(stages):
+        if stage.needs_data() and (recipe.data is None or recipe.data.train is None):
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}) needs training / calibration data, but the recipe has no "
+                "data.train; add e.g. data: {train: {builtin: shapes, split: train, size: 256}}"
+            )
     return stages
 
 
@@ -159,7 +165,7 @@ def apply(
         stage.check(model, adapter)
 
     ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
-                     compression=compression_record(model))
+                     compression=compression_record(model), processor=processor)
     rows = eval_rows(recipe, model)
     accuracy_before = measure(model, processor, adapter.family, rows)
     speed_before = quick_speed(model, adapter) if rows is not None else None

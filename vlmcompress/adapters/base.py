@@ -103,6 +103,12 @@ class ModelAdapter:
         """Deterministic inputs that exercise every component (for tracing, tests and verification)."""
         raise NotImplementedError
 
+    def task_loss(self, model: nn.Module, processor: Any, rows: list[dict]) -> torch.Tensor:
+        """The family's training loss on data rows (`image`, `text`, ...), used for gradient-based importance."""
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"no task loss for the {self.family} family yet; use importance: magnitude")
+
     def main_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The outputs a user of this family relies on (embeddings, ITM scores or logits), for comparisons."""
         raise NotImplementedError

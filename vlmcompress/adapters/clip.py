@@ -54,3 +54,13 @@ class CLIPAdapter(ModelAdapter):
     def main_outputs(self, model, inputs):
         out = model(**inputs)
         return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds}
+
+
+def contrastive_loss(model: nn.Module, processor, rows: list[dict]) -> torch.Tensor:
+    """The model's own image-text contrastive loss on `rows` (for Taylor importance)."""
+    batch = processor(text=[r["text"] for r in rows], images=[r["image"] for r in rows], padding=True,
+                      return_tensors="pt")
+    return model(**batch, return_loss=True).loss
+
+
+CLIPAdapter.task_loss = staticmethod(contrastive_loss)

@@ -87,6 +87,18 @@ class LlavaAdapter(ModelAdapter):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values": _pixel_values(config.vision_config, batch_size, g)}
 
+    def task_loss(self, model, processor, rows):
+        """Next-token loss on the answers of `user: <image> QUESTION assistant: ANSWER </s>` prompts."""
+        questions = [r.get("question", "what is in the image ?") for r in rows]
+        answers = [r.get("answer", r["text"]) for r in rows]
+        texts = [f"user: <image> {q} assistant: {a} </s>" for q, a in zip(questions, answers)]
+        batch = processor(text=texts, images=[r["image"] for r in rows], padding=True, return_tensors="pt")
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, answer in enumerate(answers):
+            n = len(processor.tokenizer(f"{answer} </s>", add_special_tokens=False)["input_ids"])
+            labels[i, -n:] = batch["input_ids"][i, -n:]  # left padding: the answer ends every row
+        return model(**batch, labels=labels).loss
+
     def main_outputs(self, model, inputs):
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)

@@ -64,6 +64,7 @@ class RunContext:
     )
     reports: list[StageReport] = field(default_factory=list)
     progress: Any = None  # a callable(description: str) supplied by the orchestrator's progress display
+    processor: Any = None  # the source model's processor (tokenizer + image processor), when it has one
 
 
 class Stage:
@@ -81,6 +82,10 @@ class Stage:
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    def needs_data(self) -> bool:
+        """Whether this stage, as configured, reads the recipe's `data.train` (defaults to `requires_data`)."""
+        return self.requires_data
 
     def check(self, model: torch.nn.Module, adapter: Any) -> None:
         """Resolve selectors and components against `model` (may be on the meta device); raise on bad input."""

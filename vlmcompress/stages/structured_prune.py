@@ -31,7 +31,10 @@ class StructuredPruneConfig(StageConfig):
     """Remove a fraction of attention heads and MLP neurons by importance."""
 
     method: Literal["structured_prune"]
-    importance: Literal["magnitude"] = Field("magnitude", description="how heads / neurons are scored")
+    importance: Literal["magnitude", "taylor"] = Field(
+        "magnitude", description="magnitude: weight norms; taylor: |w · gradient| of the task loss on data.train")
+    calibration_batches: int = Field(4, ge=1, description="taylor: batches of data.train used for the gradients")
+    calibration_batch_size: int = Field(32, ge=1)
     ratio: Ratio | dict[Component, Ratio] = Field(
         0.5, description="fraction removed: one float for every component, or per component {vision: 0.5, text: 0.3}"
     )
@@ -40,9 +43,18 @@ class StructuredPruneConfig(StageConfig):
     global_ranking: bool = Field(True, description="rank across the layers of a component (non-uniform widths)")
 
 
-def _weight_rows_sq(linear: torch.nn.Linear, idxs: list[int]) -> torch.Tensor:
-    w = linear.weight[idxs].pow(2).sum()
-    return w + (linear.bias[idxs].pow(2).sum() if linear.bias is not None else 0.0)
+def elementwise_score(p: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-element importance of a weight: `w²` (magnitude) or `|w · ∂L/∂w|` (first-order Taylor)."""
+    if kind == "taylor":
+        if p.grad is None:
+            raise VlmCompressError("taylor importance needs gradients; none were computed for a pruned weight")
+        return (p * p.grad).abs()
+    return p.pow(2)
+
+
+def _rows_score(linear: torch.nn.Linear, idxs: list[int], kind: str) -> torch.Tensor:
+    s = elementwise_score(linear.weight, kind)[idxs].sum()
+    return s + (elementwise_score(linear.bias, kind)[idxs].sum() if linear.bias is not None else 0.0)
 
 
 def _head_groups(unit: AttentionUnit) -> list[dict[str, list[int]]]:
@@ -65,28 +77,31 @@ def _group_channels(unit: AttentionUnit, group: dict[str, list[int]]) -> dict[st
 
 
 @torch.no_grad()
-def head_importance(unit: AttentionUnit) -> torch.Tensor:
-    """`[num_kv_heads]` squared L2 norm of each head group's weights in every coupled projection."""
+def head_importance(unit: AttentionUnit, kind: str = "magnitude") -> torch.Tensor:
+    """`[num_kv_heads]` importance of each head group, summed over every coupled projection: squared L2 norm
+    (magnitude) or `Σ |w · grad|` (taylor)."""
     scores = []
     for group in _head_groups(unit):
         ch = _group_channels(unit, group)
         out = get_submodule(unit.module, unit.out)
-        s = out.weight[:, ch["out"]].pow(2).sum()
+        s = elementwise_score(out.weight, kind)[:, ch["out"]].sum()
         for key in ("qkv", "q", "k", "v"):
             if key in ch:
-                s = s + _weight_rows_sq(get_submodule(unit.module, getattr(unit, key)), ch[key])
+                s = s + _rows_score(get_submodule(unit.module, getattr(unit, key)), ch[key], kind)
         scores.append(s)
     return torch.stack(scores).float()
 
 
 @torch.no_grad()
-def neuron_importance(unit: MlpUnit) -> torch.Tensor:
-    """`[width]` squared L2 norm of each neuron's rows in the up projections and column in the down projection."""
+def neuron_importance(unit: MlpUnit, kind: str = "magnitude") -> torch.Tensor:
+    """`[width]` importance of each neuron: its rows in the up projections and column in the down projection."""
     down = get_submodule(unit.module, unit.down)
-    s = down.weight.pow(2).sum(dim=0)
+    s = elementwise_score(down.weight, kind).sum(dim=0)
     for name in unit.up:
         up = get_submodule(unit.module, name)
-        s = s + up.weight.pow(2).sum(dim=1) + (up.bias.pow(2) if up.bias is not None else 0.0)
+        s = s + elementwise_score(up.weight, kind).sum(dim=1)
+        if up.bias is not None:
+            s = s + elementwise_score(up.bias, kind)
     return s.float()
 
 
@@ -182,6 +197,23 @@ class StructuredPruneStage(Stage):
         mlps = [u for u in adapter.mlp_units(model) if keep(u)] if "mlp" in self.config.targets else []
         return atts, mlps
 
+    def needs_data(self) -> bool:
+        return self.config.importance == "taylor"
+
+    def _accumulate_gradients(self, ctx: RunContext) -> None:
+        """Sum the gradients of the family's task loss over `calibration_batches` batches of `data.train`."""
+        from ..data import load_rows
+
+        cfg = self.config
+        rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed, cfg.calibration_batches * cfg.calibration_batch_size)
+        was_training = ctx.model.training
+        ctx.model.zero_grad(set_to_none=True)
+        ctx.model.train(False)  # dropout off: the scores should not depend on the random mask
+        with torch.enable_grad():
+            for i in range(0, len(rows), cfg.calibration_batch_size):
+                ctx.adapter.task_loss(ctx.model, ctx.processor, rows[i:i + cfg.calibration_batch_size]).backward()
+        ctx.model.train(was_training)
+
     def check(self, model, adapter) -> None:
         self.ratios(adapter, model)
         check_selectors(self.config.ignore, [n for n, _ in model.named_modules()], "structured_prune.ignore")
@@ -221,6 +253,9 @@ class StructuredPruneStage(Stage):
         before = {n: list(p.shape) for n, p in model.named_parameters()}
         ratios = self.ratios(adapter, model)
         atts, mlps = self.units(model, adapter)
+        importance = self.config.importance
+        if importance == "taylor":
+            self._accumulate_gradients(ctx)
         per_layer: dict[str, dict[str, list[int]]] = defaultdict(dict)
         for kind, units, score_fn, remove_fn in (("heads", atts, head_importance, remove_heads),
                                                   ("mlp", mlps, neuron_importance, remove_neurons)):
@@ -228,7 +263,7 @@ class StructuredPruneStage(Stage):
                 chosen = [u for u in units if u.component == comp]
                 if not chosen:
                     continue
-                removals = choose_removals({u.name: score_fn(u) for u in chosen}, ratios[comp],
+                removals = choose_removals({u.name: score_fn(u, importance) for u in chosen}, ratios[comp],
                                            self.config.global_ranking)
                 for u in chosen:
                     size_before = u.num_heads if kind == "heads" else get_submodule(u.module, u.down).in_features
@@ -238,6 +273,7 @@ class StructuredPruneStage(Stage):
                     removed = len(removals[u.name]) * (u.num_heads // u.num_kv_heads if kind == "heads" else 1)
                     per_layer[u.name][kind] = [size_before, size_before - removed]
                     report.matched.append(u.name)
+        model.zero_grad(set_to_none=True)
         after = {n: list(p.shape) for n, p in model.named_parameters()}
         ctx.compression["param_shapes"].update({n: s for n, s in after.items() if s != before.get(n)})
         _fix_fused_attention(model, ctx.compression)
