@@ -13,6 +13,8 @@ from vlmcompress import zoo  # noqa: E402
 from vlmcompress.evaluate import evaluate_dual_encoder, evaluate_vqa, shapes_eval_rows  # noqa: E402
 from vlmcompress.models import load_model  # noqa: E402
 
+REPO_ZOO = zoo.ZOO_DIR  # the real shipped folder, before any test swaps it
+
 
 @pytest.mark.parametrize("name", ["shapes-clip", "shapes-clip-small", "shapes-llava", "shapes-llava-small"])
 def test_shipped_weights_verify(name):
@@ -48,3 +50,45 @@ def test_compressed_llava_scores_the_same_through_every_loader(tmp_path):
     assert evaluate_vqa(vlmcompress.load(tmp_path / "out"), processor, rows) == expected
     remote = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     assert evaluate_vqa(remote, processor, rows) == expected
+
+
+def test_zoo_training_reproduces_the_shipped_small_weights():
+    """`vlmcompress zoo train` is seeded: retraining gives the shipped weights bit for bit (same thread count)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    shipped = LlavaForConditionalGeneration.from_pretrained(zoo.ZOO_DIR / "shapes-llava-small").state_dict()
+    retrained = zoo.train_llava(zoo.ZOO["shapes-llava-small"]).state_dict()
+    assert shipped.keys() == retrained.keys()
+    assert all(torch.equal(shipped[k], retrained[k]) for k in shipped)
+
+
+def test_corrupt_shipped_weights_are_retrained_into_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(zoo.ZOO_DIR, shipped)
+    weights = shipped / "shapes-clip-small" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(zoo, "ZOO_DIR", shipped)
+    monkeypatch.setenv("VLMCOMPRESS_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def retrain(name, folder):
+        calls.append((name, folder))
+        shutil.copytree(REPO_ZOO / name, folder)
+
+    assert not zoo.verify(shipped / "shapes-clip-small")
+    folder = zoo.zoo_folder("shapes-clip-small", retrain=retrain)
+    assert calls == [("shapes-clip-small", tmp_path / "cache" / "shapes-clip-small")]
+    assert folder == tmp_path / "cache" / "shapes-clip-small" and zoo.verify(folder)
+    assert zoo.zoo_folder("shapes-clip-small", retrain=retrain) == folder and len(calls) == 1  # cached now
+
+
+def test_unknown_teacher_name():
+    from vlmcompress.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="shapes-clip"):
+        zoo.zoo_folder("shapes-clp")

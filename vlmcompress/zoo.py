@@ -156,6 +156,26 @@ def build_clip(recipe: ClipRecipe) -> nn.Module:
     return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=recipe.projection_dim))
 
 
+def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, recipe, config: shapes.ShapesConfig,
+                loss_fn: Callable[[list[dict]], torch.Tensor], on_step: Callable[[int, float], None] | None) -> None:
+    """`recipe.steps` steps on freshly generated train examples (step i sees examples i·B … (i+1)·B - 1):
+    linear warm-up then cosine decay of every group's learning rate, gradient clipping at 1."""
+    warm = max(1, int(recipe.warmup * recipe.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
+                                                 (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
+    for step in range(recipe.steps):
+        rows = shapes.generate("train", recipe.batch_size, seed=recipe.seed, config=config,
+                               start=step * recipe.batch_size)
+        loss = loss_fn(rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        if on_step:
+            on_step(step, float(loss.detach()))
+
+
 def train_clip(recipe: ClipRecipe, on_step: Callable[[int, float], None] | None = None) -> nn.Module:
     """Contrastive training on freshly generated `shapes` train examples (seeded, deterministic on one thread
     count). AdamW, linear warm-up then cosine decay, gradient clipping at 1."""
@@ -166,12 +186,8 @@ def train_clip(recipe: ClipRecipe, on_step: Callable[[int, float], None] | None 
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
-    warm = max(1, int(recipe.warmup * recipe.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
-                                                 (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
-    for step in range(recipe.steps):
-        rows = shapes.generate("train", recipe.batch_size, seed=recipe.seed, config=config,
-                               start=step * recipe.batch_size)
+
+    def loss_fn(rows: list[dict]) -> torch.Tensor:
         batch = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=pixel_values(np.stack([r["image"] for r in rows])))
@@ -180,14 +196,9 @@ def train_clip(recipe: ClipRecipe, on_step: Callable[[int, float], None] | None 
         texts = [r["text"] for r in rows]
         same = torch.tensor([[a == b for b in texts] for a in texts]) & ~torch.eye(len(rows), dtype=torch.bool)
         logits = out.logits_per_image.masked_fill(same, -1e4)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        if on_step:
-            on_step(step, float(loss.detach()))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    _train_loop(model, opt, recipe, config, loss_fn, on_step)
     return model.eval()
 
 
@@ -251,20 +262,8 @@ def train_llava(recipe: LlavaRecipe, on_step: Callable[[int, float], None] | Non
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
     opt = torch.optim.AdamW([{"params": vision, "lr": recipe.lr * recipe.vision_lr_scale},
                              {"params": rest, "lr": recipe.lr}], weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    warm = max(1, int(recipe.warmup * recipe.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
-                                                 (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
-    for step in range(recipe.steps):
-        rows = shapes.generate("train", recipe.batch_size, seed=recipe.seed, config=config,
-                               start=step * recipe.batch_size)
-        loss = model(**vqa_batch(rows, recipe, with_answers=True)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        if on_step:
-            on_step(step, float(loss.detach()))
+    _train_loop(model, opt, recipe, config, lambda rows: model(**vqa_batch(rows, recipe, with_answers=True)).loss,
+                on_step)
     return model.eval()
 
 
