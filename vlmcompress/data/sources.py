@@ -44,7 +44,7 @@ def load_source(source: Any, image_size: int | None = None):
     if source.builtin is not None:
         dataset, where = _load_builtin(source, image_size), f"builtin {source.builtin}"
     elif source.path is not None:
-        dataset, where = _load_folder(source), f"'{source.path}'"
+        dataset, where = _load_folder(source), f"data folder '{source.path}'"
     else:
         dataset, where = _load_hub(source), f"Hugging Face dataset '{source.hf}'"
     return _standard_columns(dataset, source, where)
@@ -244,7 +244,8 @@ def _standard_columns(dataset, source, where: str):
     image_feature, text_feature = dataset.features[source.image_column], dataset.features[source.text_column]
     if not isinstance(image_feature, Image):
         raise DataError(f"{where}: column '{source.image_column}' holds {_feature_name(image_feature)} values, not "
-                        f"images; set the recipe key image_column to a column of images (columns: {', '.join(columns)})")
+                        "images; set the recipe key image_column to a column of images "
+                        f"(columns: {', '.join(columns)})")
     if not (isinstance(text_feature, Value) and text_feature.dtype in ("string", "large_string")):
         raise DataError(f"{where}: column '{source.text_column}' holds {_feature_name(text_feature)} values, not "
                         "strings; set the recipe key text_column to a column with one caption per row "
