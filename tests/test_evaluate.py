@@ -117,6 +117,12 @@ def test_majority_baseline():
     assert recall_at_k(emb, emb, captions, ks=(1,))["majority_R@1"] == pytest.approx(3 / 8)  # one fold of 8
 
 
+def test_rows_beyond_whole_folds_are_left_out_and_counted():
+    emb = torch.eye(10)
+    result = recall_at_k(emb, emb, [f"c{i}" for i in range(10)], fold_size=4, ks=(1,))
+    assert (result["folds"], result["fold_size"], result["pairs_left_out"]) == (2, 4, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the shipped teacher
 
@@ -205,6 +211,13 @@ def test_corrupt_shipped_weights_are_retrained_into_the_cache(tmp_path, monkeypa
     assert folder == tmp_path / "cache" / "shapes-clip-small" and zoo.verify(folder)
     # the verified cache is used from now on, without retraining
     assert zoo.zoo_folder("shapes-clip-small", retrain=retrain) == folder and len(calls) == 1
+
+
+def test_a_retrain_that_does_not_match_its_manifest_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "zoo")
+    monkeypatch.setenv("VLMCOMPRESS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match="did not produce files matching"):
+        zoo.zoo_folder("shapes-clip-small", retrain=lambda name, folder: corrupt_copy(folder))
 
 
 def test_intact_shipped_weights_are_used_as_they_are(tmp_path, monkeypatch):

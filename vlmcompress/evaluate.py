@@ -50,7 +50,11 @@ def _chance_recall(matches: int, n: int, k: int) -> float:
 
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str], fold_size: int = 1000,
                 ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Image→text and text→image recall@K averaged over folds, with chance and majority baselines."""
+    """Image→text and text→image recall@K averaged over folds, with chance and majority baselines.
+
+    The first `n // fold_size` whole folds are scored (every fold has the same candidate count, so recall values are
+    comparable); the rows beyond them are left out and counted in `pairs_left_out`.
+    """
     n = len(captions)
     if n < fold_size:
         fold_size = n
@@ -72,7 +76,8 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[
             sums[f"t2i_R@{k}"] += t2i
             sums[f"chance_R@{k}"] += float(np.mean([_chance_recall(counts[c], len(caps), k) for c in caps]))
         sums["majority_R@1"] += top / len(caps)
-    return {k: round(v / folds, 4) for k, v in sums.items()} | {"folds": folds, "fold_size": fold_size}
+    return {k: round(v / folds, 4) for k, v in sums.items()} | {"folds": folds, "fold_size": fold_size,
+                                                             "pairs_left_out": n - folds * fold_size}
 
 
 @torch.no_grad()

@@ -309,6 +309,9 @@ def zoo_folder(name: str, retrain: Callable[[str, Path], None] | None = None) ->
     folder = cache_dir() / name
     print(f"vlmcompress: the shipped weights of {name} are missing or corrupt; retraining into {folder}")
     (retrain or train_and_save)(name, folder)
+    if not verify(folder):
+        raise ModelLoadError(f"retraining {name} into {folder} did not produce files matching their manifest; "
+                             f"delete the folder and run `vlmcompress zoo train {name}`")
     return folder
 
 

@@ -93,11 +93,17 @@ def _describe(o: dict) -> str:
 
 
 def question(scene: list[dict], rng: np.random.Generator) -> tuple[str, str, str]:
-    """One (question, answer, type) about `scene`, asked so that the answer is unambiguous."""
+    """One (question, answer, type) about `scene`, asked so that the answer is unambiguous.
+
+    An object is only named by "colour shape" when no other object in the scene has the same colour and shape, and
+    by its shape alone when its shape is unique, so every question points at exactly one object.
+    """
     shapes = [o["shape"] for o in scene]
-    unique = [o for o in scene if shapes.count(o["shape"]) == 1]
-    kinds = ["count", "shape", "position"] + (["colour", "size"] if unique else []) + (["relation"] if len(scene) > 1
-                                                                                         else [])
+    descriptions = [_describe(o) for o in scene]
+    unique_shape = [o for o in scene if shapes.count(o["shape"]) == 1]
+    nameable = [o for o, d in zip(scene, descriptions) if descriptions.count(d) == 1]
+    kinds = (["count", "shape"] + (["position"] if nameable else []) + (["colour", "size"] if unique_shape else [])
+             + (["relation"] if len(nameable) > 1 else []))
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "count":
         return "how many objects are there ?", COUNT_WORDS[len(scene)], kind
@@ -105,15 +111,15 @@ def question(scene: list[dict], rng: np.random.Generator) -> tuple[str, str, str
         o = scene[int(rng.integers(len(scene)))]
         return f"what shape is {_cell_phrase(o['cell'])} ?", o["shape"], kind
     if kind == "position":
-        o = scene[int(rng.integers(len(scene)))]
+        o = nameable[int(rng.integers(len(nameable)))]
         return f"where is the {_describe(o)} ?", o["cell"], kind
     if kind == "colour":
-        o = unique[int(rng.integers(len(unique)))]
+        o = unique_shape[int(rng.integers(len(unique_shape)))]
         return f"what colour is the {o['shape']} ?", o["colour"], kind
     if kind == "size":
-        o = unique[int(rng.integers(len(unique)))]
+        o = unique_shape[int(rng.integers(len(unique_shape)))]
         return f"is the {o['shape']} small or large ?", o["size"], kind
-    a, b = (scene[i] for i in rng.choice(len(scene), size=2, replace=False))
+    a, b = (nameable[i] for i in rng.choice(len(nameable), size=2, replace=False))
     (ra, ca), (rb, cb) = divmod(CELLS.index(a["cell"]), 3), divmod(CELLS.index(b["cell"]), 3)
     if ca != cb:
         return f"is the {_describe(a)} left of the {_describe(b)} ?", "yes" if ca < cb else "no", kind
@@ -127,7 +133,8 @@ def example(index: int, split: str = "train", seed: int = 0, config: ShapesConfi
     rng = np.random.default_rng([seed, SPLITS[split], index])
     scene = sample_scene(rng, config)
     image = render(scene, rng, config)
-    q, a, kind = question(scene, rng)
+    # Its own stream, so that the question does not depend on how many draws rendering took (image size, noise).
+    q, a, kind = question(scene, np.random.default_rng([seed, SPLITS[split], index, 1]))
     return {"image": image, "text": caption(scene), "question": q, "answer": a, "qtype": kind,
             "objects": json.dumps(scene)}
 
