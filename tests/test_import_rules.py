@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vlmcompress"
 INTEGRATIONS = ROOT / "integrations"
 
-MODELING_STDLIB = {"math", "typing", "dataclasses", "__future__", "collections", "json", "os", "re", "functools"}
+MODELING_STDLIB = {"math", "typing", "dataclasses", "__future__", "collections", "json", "os", "re", "functools",
+                   "warnings"}
 MODELING_THIRD_PARTY = {"torch", "transformers", "tokenizers"}
 # design.md §2: the modeling code imports a quantization backend only lazily, when the checkpoint asks for it
 MODELING_LAZY_BACKENDS = {"torchao", "optimum", "neural_compressor", "onnxruntime"}

@@ -21,8 +21,8 @@ from .modeling import configuration_vlmcompress as cfg_mod
 from .modeling import modeling_vlmcompress as model_mod
 
 MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_vlmcompress.py", "modeling_vlmcompress.py", "reduction.py", "shapes.py",
-                  "token_ops.py")
+MODELING_FILES = ("configuration_vlmcompress.py", "modeling_vlmcompress.py", "quantized.py", "reduction.py",
+                  "shapes.py", "token_ops.py")
 
 
 def library_versions() -> dict[str, str]:
@@ -69,6 +69,7 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
                            "param_shapes": compression["param_shapes"], "module_attrs": compression["module_attrs"],
                            **per_layer_summary(adapter, model), "versions": library_versions()}
     data["token_reduction"] = compression.get("token_reduction")
+    data["quantization"] = compression.get("quantization")
     config = config_cls.from_dict(data)
     config.architectures = [model_cls.__name__]
     config.auto_map = {"AutoConfig": f"configuration_vlmcompress.{config_cls.__name__}"}
@@ -87,11 +88,13 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
 
 
 def compression_record(model: nn.Module) -> dict[str, Any]:
-    """The pruning record and token-reduction block of a model (empty for an uncompressed model), so that
-    compressing a compressed checkpoint further, or resuming from a stage checkpoint, keeps what was done before."""
+    """The pruning record, token-reduction and quantization blocks of a model (empty for an uncompressed model), so
+    that compressing a compressed checkpoint further, or resuming from a stage checkpoint, keeps what was done
+    before."""
     record = getattr(model.config, "vlmcompress", None) or {}
     return {"param_shapes": dict(record.get("param_shapes", {})), "module_attrs": dict(record.get("module_attrs", {})),
-            "token_reduction": getattr(model.config, "token_reduction", None)}
+            "token_reduction": getattr(model.config, "token_reduction", None),
+            "quantization": getattr(model.config, "quantization", None)}
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | None = None,

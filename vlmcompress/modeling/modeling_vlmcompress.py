@@ -14,16 +14,19 @@ from transformers import (Blip2ForConditionalGeneration, BlipForImageTextRetriev
 
 from .configuration_vlmcompress import (VlmcBlip2Config, VlmcBlipConfig, VlmcCLIPConfig, VlmcLlavaConfig,
                                         VlmcSiglipConfig)
+from .quantized import apply_quantization
 from .reduction import apply_token_reduction, shrink_placeholder_runs
 from .shapes import apply_shape_record, patch_fused_attention
 
 
 def setup_compressed(model: torch.nn.Module) -> None:
-    """Replay the pruning record and the token reduction stored in `model.config` on a freshly built model."""
+    """Replay the pruning record, the token reduction and the quantization stored in `model.config` on a freshly
+    built model (quantization last: it wraps the linear layers that pruning resized)."""
     record = getattr(model.config, "vlmcompress", None) or {}
     apply_shape_record(model, record.get("param_shapes", {}), record.get("module_attrs", {}))
     patch_fused_attention(model, record.get("param_shapes", {}))
     apply_token_reduction(model, getattr(model.config, "token_reduction", None))
+    apply_quantization(model, getattr(model.config, "quantization", None))
 
 
 class VlmcCLIPModel(CLIPModel):

@@ -16,15 +16,18 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from ..errors import VlmCompressError
+from ..modeling import quantized as qmod
 from ..registry import register_method
 from .base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, count_params
 from .selectors import check_selectors, matches
 
 Backend = Literal["torch", "torchao", "quanto", "neural_compressor", "onnxruntime"]
-Scheme = Literal["int8", "int8_dynamic", "int8_weight_only", "int4_weight_only", "int8_static"]
+Scheme = Literal["int8", "int8_dynamic", "int8_weight_only", "int4_weight_only", "int8_static", "fp32"]
 
 # what each backend can do; `int8` resolves to the first scheme in INT8_DEFAULT
 BACKEND_SCHEMES: dict[str, tuple[str, ...]] = {
@@ -32,7 +35,7 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...]] = {
     "torchao": ("int8_dynamic", "int8_weight_only", "int4_weight_only"),
     "quanto": ("int8_weight_only", "int4_weight_only", "int8_static"),
     "neural_compressor": ("int8_weight_only", "int4_weight_only"),
-    "onnxruntime": ("int8_dynamic",),
+    "onnxruntime": ("int8_dynamic", "fp32"),
 }
 # `scheme: int8` per backend, chosen by CPU measurements (docs/benchmarks.md, "Quantization")
 INT8_DEFAULT: dict[str, str] = {
@@ -53,7 +56,8 @@ class QuantizeConfig(StageConfig):
                              "neural_compressor or onnxruntime")
     scheme: Scheme = Field(
         "int8", description="int8 (the backend's fastest measured int8 path), int8_dynamic (int8 weights and "
-                            "activations), int8_weight_only, int4_weight_only, int8_static (calibrated activations)")
+                            "activations), int8_weight_only, int4_weight_only, int8_static (calibrated activations), "
+                            "fp32 (onnxruntime: export only)")
     components: list[Component] | None = Field(
         None, description="components to quantize (vision, text, qformer, projector, llm); all when unset")
     overrides: dict[Component, Scheme | Literal["none"]] = Field(
@@ -66,6 +70,8 @@ class QuantizeConfig(StageConfig):
     compile: bool = Field(
         False, description="torch.compile the quantized components when the checkpoint loads (torchao int8_dynamic "
                            "is only faster than fp32 on CPU when compiled)")
+    reduce_range: bool = Field(
+        True, description="torch int8_dynamic: 7-bit activations, needed on x86 CPUs without VNNI (portable default)")
     calibration_batches: int = Field(4, ge=1, description="int8_static / gptq: batches of data.train used")
     calibration_batch_size: int = Field(16, ge=1)
 
@@ -88,10 +94,187 @@ def resolve_scheme(backend: str, scheme: str) -> str:
 
 BackendFn = Callable[[RunContext, QuantizeConfig], dict[str, Any]]
 
+# what users are told about CPU speed, from the measurements in docs/benchmarks.md ("Quantization")
+CPU_SPEED: dict[tuple[str, str], str] = {
+    ("torch", "int8_dynamic"): "faster on CPU (eager)",
+    ("torchao", "int8_dynamic"): "faster on CPU only with compile: true; slower than fp32 in eager mode",
+    ("torchao", "int8_weight_only"): "smaller only; not faster than fp32 on CPU",
+    ("torchao", "int4_weight_only"): "smaller only; not faster than fp32 on CPU",
+    ("quanto", "int8_weight_only"): "smaller only; slower than fp32 on CPU",
+    ("quanto", "int4_weight_only"): "smaller only; slower than fp32 on CPU",
+    ("quanto", "int8_static"): "smaller only; slower than fp32 on CPU",
+    ("neural_compressor", "int8_weight_only"): "smaller only; slower than fp32 on CPU (dequantizes every call)",
+    ("neural_compressor", "int4_weight_only"): "smaller only; slower than fp32 on CPU (dequantizes every call)",
+}
+
+
+def plan_modules(model: nn.Module, adapter: Any, config: QuantizeConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """Which linear layers get which scheme.
+
+    Returns:
+        (`{module name: component}` of the layers to quantize, `{component: resolved scheme}`). Layers of
+        components whose scheme is `none`, layers matched (or inside a module matched) by `ignore`, linear layers
+        that other code reads `.weight` from (inside `nn.MultiheadAttention`) and weights shared with another
+        module (tied embeddings) are left in full precision.
+    """
+    components = adapter.components(model)
+    chosen = config.components or list(components)
+    schemes = {c: resolve_scheme(config.backend, config.overrides.get(c, config.scheme)) for c in chosen}
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    plan: dict[str, str] = {}
+    for comp, scheme in schemes.items():
+        if scheme == "none":
+            continue
+        path = adapter.component_paths[comp]
+        for sub, module in components[comp].named_modules():
+            name = f"{path}.{sub}" if sub else path
+            if type(module) is not nn.Linear or owners.get(id(module.weight), 0) > 1:
+                continue  # nn.MultiheadAttention's out_proj is a Linear subclass whose weight it reads directly
+            parts = name.split(".")
+            scope = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            if any(matches(sel, n) for sel in config.ignore for n in scope):
+                continue
+            plan[name] = comp
+    return plan, schemes
+
+
+def scheme_entry(backend: str, scheme: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {"backend": backend, "scheme": scheme, "options": options,
+            "cpu_speed": CPU_SPEED.get((backend, scheme), "not measured")}
+
+
+def install(model: nn.Module, spec: dict[str, Any], name: str, scheme_id: str, tensors: dict[str, torch.Tensor],
+            in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    """Replace the linear layer `name` by a `QuantizedLinear` holding `tensors` and record it in `spec`."""
+    entry = {"scheme": scheme_id, "in_features": in_features, "out_features": out_features,
+             "dtype": qmod.dtype_name(dtype),
+             "tensors": {k: [list(t.shape), qmod.dtype_name(t.dtype)] for k, t in tensors.items()}}
+    layer = qmod.quantized_layer(spec, entry, device=next(iter(tensors.values())).device)
+    for key, t in tensors.items():
+        setattr(layer, qmod.buffer_name(key), t.contiguous())
+    layer.build()
+    qmod.set_module(model, name, layer)
+    spec["modules"][name] = entry
+
+
+def calibration_batches(ctx: RunContext, config: QuantizeConfig) -> Callable[[nn.Module], None]:
+    """A function that runs `model` on `calibration_batches` batches of the recipe's `data.train` (no gradients)."""
+    from ..data import load_rows
+
+    rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed,
+                     config.calibration_batches * config.calibration_batch_size)
+    if ctx.processor is None:
+        raise VlmCompressError("calibration needs the model's processor (tokenizer + image processor), and this "
+                               "model has none; use a model folder that includes its processor files")
+
+    def run(model: nn.Module, on_batch_error: type[Exception] | None = None) -> None:
+        """One forward per batch; `on_batch_error` is an exception type that ends a batch's forward early (used by
+        hooks that only need a component's inputs)."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(rows), config.calibration_batch_size):
+                try:
+                    ctx.adapter.task_loss(model, ctx.processor, rows[i:i + config.calibration_batch_size])
+                except on_batch_error or ():
+                    continue
+        model.train(was_training)
+
+    return run
+
+
+def _start(ctx: RunContext, config: QuantizeConfig) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    if ctx.compression.get("quantization"):
+        raise VlmCompressError("this model is already quantized; start from the unquantized model (quantize is the "
+                               "last stage of a recipe and runs once)")
+    plan, schemes = plan_modules(ctx.model, ctx.adapter, config)
+    if not plan:
+        raise VlmCompressError(f"quantize matched no linear layer (components {list(schemes)}, ignore "
+                               f"{config.ignore}); check components / overrides / ignore")
+    spec: dict[str, Any] = {"format_version": qmod.FORMAT_VERSION,
+                            "requested": {"backend": config.backend, "scheme": config.scheme},
+                            "schemes": {}, "modules": {}, "compile": []}
+    return plan, schemes, spec
+
+
+def _finish(ctx: RunContext, config: QuantizeConfig, spec: dict[str, Any], schemes: dict[str, str],
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record the spec, apply `compile`, and return the report details."""
+    used = {e["scheme"] for e in spec["modules"].values()}
+    spec["schemes"] = {k: v for k, v in spec["schemes"].items() if k in used}
+    if config.compile:
+        spec["compile"] = [ctx.adapter.component_paths[c] for c in used]
+        qmod.compile_components(ctx.model, spec["compile"])
+    if config.scheme == "int8":
+        spec["resolved"] = {"int8": INT8_DEFAULT[config.backend],
+                            "why": "the fastest int8 path of this backend measured on CPU (docs/benchmarks.md)"}
+    ctx.compression["quantization"] = spec
+    per_component: dict[str, int] = {}
+    for entry in spec["modules"].values():
+        per_component[entry["scheme"]] = per_component.get(entry["scheme"], 0) + 1
+    details = {"backend": config.backend, "requested_scheme": config.scheme,
+               "schemes": {c: s for c, s in schemes.items()},
+               "layers_per_component": per_component,
+               "cpu_speed": {c: e["cpu_speed"] for c, e in spec["schemes"].items()},
+               "compile": spec["compile"], "matched": sorted(spec["modules"])}
+    if "resolved" in spec:
+        details["resolved"] = spec["resolved"]
+    return details | (extra or {})
+
+
+def quantize_torch(ctx: RunContext, config: QuantizeConfig) -> dict[str, Any]:
+    """torch's built-in dynamic int8: symmetric per-channel int8 weights, activations quantized per call."""
+    plan, schemes, spec = _start(ctx, config)
+    for comp, scheme in schemes.items():
+        spec["schemes"][comp] = scheme_entry("torch", scheme, {"reduce_range": config.reduce_range})
+    for name, comp in plan.items():
+        linear = ctx.model.get_submodule(name)
+        qdata, scale = qmod.quantize_int8_per_channel(linear.weight)
+        tensors = {"weight.qdata": qdata, "weight.scale": scale}
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.detach().clone()
+        install(ctx.model, spec, name, comp, tensors, linear.in_features, linear.out_features, linear.weight.dtype)
+    return _finish(ctx, config, spec, schemes)
+
+
+def quantize_with_library(backend: str) -> BackendFn:
+    """The backend function of a library integration (`integrations/<backend>.py: quantize_linears`)."""
+
+    def run(ctx: RunContext, config: QuantizeConfig) -> dict[str, Any]:
+        integration = importlib.import_module(f"vlmcompress.integrations.{MODULES[backend]}")
+        plan, schemes, spec = _start(ctx, config)
+        calibrate = calibration_batches(ctx, config) if QuantizeStage(config).needs_data() else None
+        extra: dict[str, Any] = {}
+        for comp, scheme in schemes.items():
+            names = [n for n, c in plan.items() if c == comp]
+            if not names:
+                continue
+            options, kernels, notes = integration.quantize_linears(ctx.model, names, scheme, config, calibrate)
+            spec["schemes"][comp] = scheme_entry(backend, scheme, options)
+            for name, kernel in kernels.items():
+                install(ctx.model, spec, name, comp, qmod.flatten_module(kernel), kernel.in_features,
+                        kernel.out_features, notes["dtype"])
+            if notes.get("skipped"):
+                extra.setdefault("skipped", {}).update(notes["skipped"])
+        extra["library_version"] = integration.version()
+        return _finish(ctx, config, spec, schemes, extra)
+
+    return run
+
+
+MODULES = {"torchao": "torchao", "quanto": "quanto", "neural_compressor": "neural_compressor"}
+
 # backend name → function(ctx, config) -> report details (with an optional "matched" list), or "module:function"
 # imported when first used: an integration never has to import `stages`, and a missing optional package only matters
-# when a recipe asks for it. The in-process backends are filled in below, once their functions are defined.
+# when a recipe asks for it.
 BACKENDS: dict[str, BackendFn | str] = {
+    "torch": quantize_torch,
+    "torchao": quantize_with_library("torchao"),
+    "quanto": quantize_with_library("quanto"),
+    "neural_compressor": quantize_with_library("neural_compressor"),
     "onnxruntime": "vlmcompress.integrations.onnx:quantize_stage",
 }
 
@@ -128,6 +311,14 @@ class QuantizeStage(Stage):
                 f"expected some of: {', '.join(c for c in COMPONENTS if c in present)}")
         check_selectors(self.config.ignore, [n for n, _ in model.named_modules()], "quantize.ignore")
 
+    def plan(self, model, adapter) -> dict[str, Any]:
+        if self.config.backend == "onnxruntime":
+            return {"backend": "onnxruntime"}
+        layers, schemes = plan_modules(model, adapter, self.config)
+        per_component = {c: sum(1 for v in layers.values() if v == c) for c in schemes}
+        return {"backend": self.config.backend, "schemes": schemes, "layers": per_component,
+                "cpu_speed": {c: CPU_SPEED.get((self.config.backend, s), "-") for c, s in schemes.items()}}
+
     def run(self, ctx: RunContext) -> StageReport:
         params = count_params(ctx.model)
         details = backend_function(self.config.backend)(ctx, self.config)
@@ -137,4 +328,3 @@ class QuantizeStage(Stage):
 
 register_method("quantize", QuantizeConfig, QuantizeStage)
 
-__all__ = ["BACKENDS", "QuantizeConfig", "QuantizeStage", "backend_function", "matches", "resolve_scheme"]

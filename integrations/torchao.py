@@ -1,0 +1,63 @@
+"""torchao: int8 dynamic-activation + int8 weight, int8 weight-only and int4 weight-only linear layers.
+
+`quantize_linears` runs torchao's own `quantize_` on the chosen layers; the `quantize` stage then moves the
+resulting tensor subclasses' inner tensors (`qdata`, `scale`, `zero_point`, ...) into vlmcompress's checkpoint format
+(torchao's own safetensors round trip through transformers does not reload with transformers 5.23 + torchao 0.18).
+On CPU, int8_dynamic is only faster than fp32 under `torch.compile`; int4 uses torchao's CPU layout
+(`PrototypeInt4WeightOnlyConfig`, packed for `_weight_int4pack_mm_for_cpu`), because the default int4 layouts need
+CUDA kernels (the `mslk` package).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from ..errors import BackendNotInstalledError
+
+
+def _torchao():
+    try:
+        # the CPU wheel logs failures to load its CUDA-only kernels on import; they are not used here
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        import torchao
+    except ImportError:
+        raise BackendNotInstalledError("torchao", "torchao") from None
+    return torchao
+
+
+def version() -> str:
+    from importlib.metadata import version as v
+
+    return v("torchao")
+
+
+def quantize_linears(model: nn.Module, names: list[str], scheme: str, config: Any, calibrate=None
+                     ) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, Any]]:
+    """Quantize the `nn.Linear` layers `names` of `model` in place with torchao.
+
+    Returns:
+        (scheme options to record, `{name: quantized nn.Linear}`, notes: `dtype` and `skipped` layers with reasons)
+    """
+    _torchao()
+    from torchao.quantization import quantize_
+
+    from ..modeling.quantized import torchao_config
+
+    options: dict[str, Any] = {}
+    if scheme == "int4_weight_only":
+        options["group_size"] = config.group_size if config.group_size and config.group_size > 0 else 128
+    cfg = torchao_config(scheme, options)
+    wanted = set(names)
+    dtype = model.get_submodule(names[0]).weight.dtype
+    quantize_(model, cfg, filter_fn=lambda module, fqn: fqn in wanted and isinstance(module, nn.Linear))
+    kernels, skipped = {}, {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if hasattr(type(layer.weight), "__tensor_flatten__"):
+            kernels[name] = layer
+        else:  # torchao leaves layers whose input width is not a multiple of the group size in full precision
+            skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {options['group_size']}"
+    return options, kernels, {"dtype": dtype, "skipped": skipped}
