@@ -56,11 +56,14 @@ class MlpUnit:
 
 @dataclass
 class VisionTower:
-    """Where the vision encoder's layers are, and what its token sequence looks like."""
+    """Where an encoder's layers are, and what its token sequence looks like (vision, or text with `text` set)."""
 
     layers_path: str  # dotted path of the nn.ModuleList of encoder layers
-    num_tokens: int  # tokens entering the first layer (patches + CLS if any)
+    num_tokens: int  # tokens entering the first layer (patches + CLS if any; the longest text for text towers)
     class_token: bool  # index 0 is a CLS token that must never be merged away
+    hook_path: str | None = None  # the module whose forward starts a pass of the tower (default: the encoder)
+    # text towers: {"causal": bool, "eot": "eos" | "argmax" | "last", "eos_token_id": int}
+    text: dict | None = None
 
 
 def get_submodule(root: nn.Module, dotted: str) -> Any:
@@ -90,6 +93,10 @@ class ModelAdapter:
 
     def vision_tower(self, model: nn.Module) -> VisionTower:
         raise NotImplementedError
+
+    def text_tower(self, model: nn.Module) -> VisionTower | None:
+        """The text encoder as a tower that order-preserving token reduction can run on; None when unsupported."""
+        return None
 
     def tiny_model(self, seed: int = 0) -> nn.Module:
         """A seeded random-init model of this family, small enough for unit tests."""

@@ -42,6 +42,13 @@ class CLIPAdapter(ModelAdapter):
     def vision_tower(self, model):
         return VisionTower("vision_model.encoder.layers", _patch_tokens(model.config.vision_config) + 1, True)
 
+    def text_tower(self, model):
+        text = model.config.text_config
+        # CLIPTextModel pools the first eos_token_id, or the largest id for legacy configs with eos_token_id == 2
+        eot = "argmax" if text.eos_token_id == 2 else "eos"
+        return VisionTower("text_model.encoder.layers", text.max_position_embeddings, False, hook_path="text_model",
+                           text={"causal": True, "eot": eot, "eos_token_id": text.eos_token_id})
+
     def tiny_model(self, seed=0):
         from transformers import CLIPConfig, CLIPModel
 

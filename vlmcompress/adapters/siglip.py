@@ -17,6 +17,11 @@ class SiglipAdapter(CLIPAdapter):
         # SigLIP has no CLS token: every patch may be merged, the pooling head attends over what is left
         return VisionTower("vision_model.encoder.layers", _patch_tokens(model.config.vision_config), False)
 
+    def text_tower(self, model):
+        # bidirectional, pooled at the last position (SigLIP pads every text to the same length)
+        return VisionTower("text_model.encoder.layers", model.config.text_config.max_position_embeddings, False,
+                           hook_path="text_model", text={"causal": False, "eot": "last"})
+
     def tiny_model(self, seed=0):
         from transformers import SiglipConfig, SiglipModel
 

@@ -1,4 +1,5 @@
-"""Token merging kernels (ToMe, "Token Merging: Your ViT but Faster", Bolya et al., ICLR 2023).
+"""Token reduction kernels: ToMe (Bolya et al., ICLR 2023), Turbo (Ju et al., ECCV 2024), CrossGET (Shi et al.,
+ICML 2024) and the schedules they share.
 
 Pure functions on tensors, no module state. This file is copied verbatim next to the modeling code of exported
 Hugging Face checkpoints, so it imports nothing but `math`, `typing` and `torch`.
@@ -18,11 +19,23 @@ import torch
 
 __all__ = [
     "bipartite_soft_matching",
+    "complete_graph_soft_matching",
+    "informativity_soft_matching",
+    "r_for_keep_ratio",
+    "turbo_semantic_weight",
     "do_nothing",
+    "fastv_keep_index",
+    "gather_tokens",
+    "iqr_outlier_count",
+    "keep_count",
+    "last_token_attention",
     "merge_source",
     "merge_wavg",
     "parse_r",
+    "prumerge_keep_index",
+    "prumerge_merge",
     "token_schedule",
+    "visionzip_merge",
 ]
 
 
@@ -75,17 +88,27 @@ def bipartite_soft_matching(
         return do_nothing, do_nothing
 
     with torch.no_grad():
-        # A zero vector would give 0 / 0 = NaN and poison the argsort; clamping its norm makes it dissimilar to all.
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
-        metric_a, metric_b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = metric_a @ metric_b.transpose(-1, -2)
-
-        if class_token:
-            # The class token is A's first element: it must never be a source, so it sorts last below.
-            scores[..., 0, :] = -math.inf
+        scores = _bipartite_scores(metric)
         if distill_token:
             # The distillation token is B's first element: no A token may pick it as destination.
             scores[..., :, 0] = -math.inf
+    return _bipartite_merge(scores, r, class_token, num_tokens)
+
+
+def _bipartite_scores(metric: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity `[B, ceil(N/2), floor(N/2)]` of the even (A) to the odd (B) tokens of `metric` `[B, N, C]`."""
+    # A zero vector would give 0 / 0 = NaN and poison the argsort; clamping its norm makes it dissimilar to all.
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    return metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)
+
+
+def _bipartite_merge(scores: torch.Tensor, r: int, class_token: bool, num_tokens: int) -> tuple[Callable, Callable]:
+    """Merge / unmerge functions that move the `r` A tokens with the highest row maximum of `scores` into their
+    best B token (shared by ToMe and Turbo, which differ only in the scores)."""
+    with torch.no_grad():
+        if class_token:
+            # The class token is A's first element: it must never be a source, so it sorts last below.
+            scores[..., 0, :] = -math.inf
 
         node_max, node_idx = scores.max(dim=-1)
         # Stable sort so that ties (e.g. duplicated tokens) are broken by position, identically on every device.
@@ -124,6 +147,162 @@ def bipartite_soft_matching(
         return out
 
     return merge, unmerge
+
+
+def informativity_soft_matching(
+    metric: torch.Tensor,
+    cls_attention: torch.Tensor,
+    r: int,
+    semantic_weight: float,
+    class_token: bool = True,
+) -> tuple[Callable, Callable]:
+    """
+    Turbo's informativity-driven matching: ToMe's bipartite matching with the A tokens ranked by mutual redundancy
+    minus semantic value, so that tokens the class token attends to are merged last.
+
+    The score of A token `i` with B token `j` is `cos(metric_i, metric_j) - semantic_weight * cls_attention_i`. The
+    second term is constant along a row, so it changes only *which* A tokens merge, not where they go.
+
+    Args:
+        metric (`torch.Tensor` of shape `(batch_size, num_tokens, channels)`): keys averaged over heads.
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_tokens)`): attention of the class token (query 0) to
+            every token, averaged over heads (rows sum to 1).
+        r (`int`): tokens to remove, clamped as in [`bipartite_soft_matching`].
+        semantic_weight (`float`): the weight of the semantic value, see [`turbo_semantic_weight`].
+        class_token (`bool`): whether index 0 is a class token, which is never merged.
+
+    Returns:
+        `(merge, unmerge)` with the semantics of [`bipartite_soft_matching`].
+    """
+    num_tokens = metric.shape[-2]
+    r = min(r, (num_tokens - int(class_token)) // 2)
+    if r <= 0:
+        return do_nothing, do_nothing
+    with torch.no_grad():
+        scores = _bipartite_scores(metric) - semantic_weight * cls_attention[..., ::2, None].to(metric.dtype)
+    return _bipartite_merge(scores, r, class_token, num_tokens)
+
+
+def turbo_semantic_weight(alpha: float, beta: float, gamma: float, merging_layer: int) -> float:
+    """Turbo's weight of the semantic value at the `merging_layer`-th merging layer (0-based):
+    `30 * alpha * beta ** |gamma - merging_layer|` (the factor 30 brings attention proportions, about 1 / num_tokens
+    each, to the scale of cosine similarities; with `beta = 1` the weight is the same at every layer)."""
+    return 30.0 * alpha * beta ** abs(gamma - merging_layer)
+
+
+def complete_graph_soft_matching(
+    metric: torch.Tensor,
+    importance: torch.Tensor,
+    r: int,
+    protected: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
+) -> tuple[Callable, torch.Tensor, torch.Tensor] | None:
+    """
+    CrossGET's complete-graph soft matching with cross-guided importance and weighted ensemble.
+
+    Every token may be merged into any other (not only across an A/B split). A token is redundant when it is very
+    similar to a token ranked after it (tokens are ranked by their best similarity, so the mutual best pair merges
+    once, not twice); the `r` tokens with the lowest `importance - redundancy` are merged into their most similar
+    surviving token with weights `softmax([importance_src, importance_dst])`. Survivors keep their original order.
+
+    Args:
+        metric (`torch.Tensor` of shape `(batch_size, num_tokens, channels)`): features compared by cosine similarity
+            (CrossGET uses the keys, all heads concatenated).
+        importance (`torch.Tensor` of shape `(batch_size, num_tokens)`): how much the cross token cares about each
+            token (cosine of its key with the cross token's query).
+        r (`int`): tokens to remove; clamped to `(num_tokens - max protected per row) // 2`.
+        protected (`torch.Tensor` of shape `(batch_size, num_tokens)`, bool, *optional*): tokens that are never
+            merged and never receive others (class / cross / end-of-text tokens).
+        group (`torch.Tensor` of shape `(batch_size, num_tokens)`, int, *optional*): tokens only merge within their
+            group (e.g. real tokens vs padding).
+
+    Returns:
+        `None` when nothing is merged, else `(merge, kept, old_to_new)`:
+        - `merge(x, size) -> (x, size)`: `x` `(batch_size, num_tokens, dim)` and `size` `(batch_size, num_tokens, 1)`
+          (all ones when None) to `(batch_size, num_tokens - r, ...)`; a merged token becomes
+          `(2 w_src s_src x_src + 2 w_dst s_dst x_dst) / (s_src + s_dst)` (the size-weighted mean when the weights are
+          equal) and its size the sum.
+        - `kept`: `(batch_size, num_tokens - r)` original indices of the surviving tokens, ascending.
+        - `old_to_new`: `(batch_size, num_tokens)` index in the merged sequence that each input token ends up in.
+    """
+    batch_size, num_tokens, _ = metric.shape
+    num_protected = int(protected.sum(dim=-1).max()) if protected is not None else 0
+    r = min(r, (num_tokens - num_protected) // 2)
+    if r <= 0:
+        return None
+
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+        sim = unit @ unit.transpose(-1, -2)  # [B, N, N]
+        allowed = ~torch.eye(num_tokens, dtype=torch.bool, device=metric.device)[None]
+        if protected is not None:
+            allowed = allowed & ~protected[:, :, None] & ~protected[:, None, :]
+        if group is not None:
+            allowed = allowed & (group[:, :, None] == group[:, None, :])
+        sim = sim.masked_fill(~allowed, -math.inf)
+
+        # rank tokens by their best similarity; a token is redundant through its best partner ranked after it
+        best = sim.max(dim=-1).values
+        rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [B, N] position in the ranking
+        later = rank[:, None, :] > rank[:, :, None]  # [B, N, N]: j is ranked after i
+        redundancy = sim.masked_fill(~later, -math.inf).max(dim=-1).values
+        score = importance.to(sim.dtype) - redundancy  # +inf for protected and last-ranked tokens: never sources
+        if protected is not None:
+            score = score.masked_fill(protected, math.inf)
+        order = score.argsort(dim=-1, stable=True)
+        src = order[:, :r]  # [B, r]
+        survivor = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=metric.device)
+        survivor.scatter_(1, src, False)
+
+        src_sim = sim.gather(1, src[..., None].expand(batch_size, r, num_tokens))  # [B, r, N]
+        to_survivor = src_sim.masked_fill(~survivor[:, None, :], -math.inf)
+        # a source whose allowed partners were all merged away falls back to its most similar unprotected survivor
+        fallback = (unit.gather(1, src[..., None].expand(-1, -1, unit.shape[-1])) @ unit.transpose(-1, -2))
+        ok = survivor if protected is None else survivor & ~protected
+        fallback = fallback.masked_fill(~ok[:, None, :], -math.inf)
+        stuck = torch.isinf(to_survivor.max(dim=-1).values)[..., None]
+        dst = torch.where(stuck, fallback, to_survivor).argmax(dim=-1)  # [B, r]
+
+        weights = torch.stack([importance.gather(1, src), importance.gather(1, dst)], dim=-1).float().softmax(-1)
+        kept = survivor.nonzero()[:, 1].view(batch_size, num_tokens - r)  # ascending per row
+        new_index = torch.zeros(batch_size, num_tokens, dtype=torch.long, device=metric.device)
+        new_index.scatter_(1, kept, torch.arange(num_tokens - r, device=metric.device).expand(batch_size, -1))
+        old_to_new = new_index.scatter(1, src, new_index.gather(1, dst))
+
+    def merge(x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if size is None:
+            size = torch.ones_like(x[..., :1])
+        w = weights.to(x.dtype)
+        y = x * size
+        dim = x.shape[-1]
+        y_src = y.gather(1, src[..., None].expand(-1, -1, dim))
+        y_dst = y.gather(1, dst[..., None].expand(-1, -1, dim))
+        y = y.scatter_add(1, dst[..., None].expand(-1, -1, dim), 2 * w[..., :1] * y_src + (2 * w[..., 1:] - 1) * y_dst)
+        size = size.scatter_add(1, dst[..., None], size.gather(1, src[..., None]))
+        y = y.gather(1, kept[..., None].expand(-1, -1, dim))
+        size = size.gather(1, kept[..., None])
+        return y / size, size
+
+    return merge, kept, old_to_new
+
+
+def r_for_keep_ratio(num_tokens: int, num_layers: int, keep_ratio: float, num_protected: int = 1,
+                     min_tokens: int = 0) -> int:
+    """
+    The constant per-layer `r` whose schedule (with clamping, see [`token_schedule`]) leaves the token count after
+    the last layer closest to `keep_ratio * num_tokens` (ties go to the smaller `r`).
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+    target = keep_ratio * num_tokens
+    best_r, best_gap = 0, math.inf
+    for r in range(num_tokens + 1):
+        last = token_schedule(num_tokens, [r] * num_layers, num_protected, min_tokens)[1][-1] if num_layers else \
+            num_tokens
+        gap = abs(last - target)
+        if gap < best_gap:
+            best_r, best_gap = r, gap
+    return best_r
 
 
 def merge_wavg(
@@ -239,7 +418,8 @@ def parse_r(num_layers: int, r: int | tuple[int, float] | list[int]) -> list[int
     return [check_int(r, "r")] * num_layers
 
 
-def token_schedule(num_tokens: int, r_per_layer: list[int], num_protected: int = 1) -> tuple[list[int], list[int]]:
+def token_schedule(num_tokens: int, r_per_layer: list[int], num_protected: int = 1,
+                   min_tokens: int = 0) -> tuple[list[int], list[int]]:
     """
     Simulates the per-layer clamping of [`bipartite_soft_matching`] to predict token counts without running a model.
 
@@ -250,6 +430,8 @@ def token_schedule(num_tokens: int, r_per_layer: list[int], num_protected: int =
             Requested tokens to remove at each layer, e.g. from [`parse_r`].
         num_protected (`int`, *optional*, defaults to 1):
             Tokens that never merge (1 for a class token, 2 with a distillation token, 0 for none).
+        min_tokens (`int`, *optional*, defaults to 0):
+            A layer entered by fewer tokens than this merges nothing (Turbo's `r_threshold`).
 
     Returns:
         `tuple[list[int], list[int]]`: the effective `r` at each layer (`min(r, (n - num_protected) // 2)`, at least 0)
@@ -261,8 +443,238 @@ def token_schedule(num_tokens: int, r_per_layer: list[int], num_protected: int =
     effective, remaining = [], []
     n = num_tokens
     for requested in r_per_layer:
-        r = max(0, min(requested, (n - num_protected) // 2))
+        r = max(0, min(requested, (n - num_protected) // 2)) if n >= min_tokens else 0
         n -= r
         effective.append(r)
         remaining.append(n)
     return effective, remaining
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visual-token pruning for LLaVA-style models: FastV (inside the language model), VisionZip and PruMerge (at the
+# vision encoder's output). All keep the survivors in their original order.
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[b, index[b]]` for every batch row: `x` of shape `(batch_size, num_tokens, *rest)`, `index` of shape
+    `(batch_size, k)` → `(batch_size, k, *rest)`."""
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expanded)
+
+
+def last_token_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """
+    Attention probabilities of one query per sample over all keys, averaged over heads (FastV's image-token score).
+
+    Args:
+        query (`torch.Tensor` of shape `(batch_size, num_heads, head_dim)`):
+            The query of the last prompt token, after rotary embedding.
+        keys (`torch.Tensor` of shape `(batch_size, num_kv_heads, seq_len, head_dim)`):
+            The keys of the same layer, after rotary embedding. Under grouped-query attention `num_heads` is a
+            multiple of `num_kv_heads`, and key head `j` serves query heads `j * groups ... (j + 1) * groups - 1`.
+        valid (`torch.Tensor` of shape `(batch_size, seq_len)`, bool):
+            Keys the query attends to (False for padding and for tokens after the query).
+        scale (`float`):
+            Factor on the dot products (`head_dim ** -0.5` in Llama).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, seq_len)`, float32: the softmax row of every head, averaged over heads;
+        0 on invalid keys.
+    """
+    b, h, d = query.shape
+    groups = h // keys.shape[1]
+    # [B, Hkv, groups, d] x [B, Hkv, L, d] -> [B, Hkv, groups, L], without materialising repeated keys
+    logits = torch.einsum("bkgd,bkld->bkgl", query.reshape(b, -1, groups, d).float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
+
+
+def fastv_keep_index(scores: torch.Tensor, image_mask: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """
+    Positions FastV keeps: every non-image token, plus the `num_keep` image tokens of each row with the highest score.
+
+    Args:
+        scores (`torch.Tensor` of shape `(batch_size, seq_len)`):
+            Attention each token receives from the last prompt token ([`last_token_attention`]).
+        image_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, bool):
+            Image-token positions. Every row must hold the same number of image tokens, so that every row drops the
+            same number and the batch stays rectangular; padding tokens are non-image tokens and are kept.
+        num_keep (`int`):
+            Image tokens kept per row, clamped to `[0, image tokens per row]`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, seq_len - dropped)`, long, ascending in every row: the kept positions in
+        their original order, so gathering hidden states, position ids and masks with it keeps the sequence causal
+        and every token at its original position. Equal scores go to the earlier position.
+    """
+    batch_size, seq_len = image_mask.shape
+    n_image = image_mask.sum(dim=1)
+    if bool((n_image != n_image[0]).any()):
+        raise ValueError(f"every row must hold the same number of image tokens for FastV, got {n_image.tolist()}")
+    drop = int(n_image[0]) - max(0, min(int(num_keep), int(n_image[0])))
+    if drop == 0:
+        return torch.arange(seq_len, device=image_mask.device).expand(batch_size, seq_len)
+    priority = scores.float().masked_fill(~image_mask, math.inf)  # text and padding always stay
+    order = priority.argsort(dim=1, descending=True, stable=True)
+    return order[:, : seq_len - drop].sort(dim=1).values
+
+
+def visionzip_merge(
+    hidden_states: torch.Tensor, cls_attention: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int
+) -> torch.Tensor:
+    """
+    VisionZip: keep the class token, the `dominant` patches the class token attends to most, and `contextual` tokens
+    that each average a group of the remaining patches grouped by similarity.
+
+    The remaining patches (original order) are split into `contextual` anchors, taken at a uniform stride
+    `max(1, remaining // contextual)` from the first, and the others, each of which joins the anchor whose `metric`
+    is most similar (cosine; ties to the earlier anchor). A contextual token is the mean of its anchor and the
+    patches that joined it.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch_size, num_tokens, dim)`):
+            Tokens of the feature layer; index 0 is the class token.
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_tokens)`):
+            Attention of the class-token query to every token (summed or averaged over heads: same ranking).
+        metric (`torch.Tensor` of shape `(batch_size, num_tokens, channels)`):
+            Similarity features (the layer's keys averaged over heads).
+        dominant (`int`), contextual (`int`):
+            Counts, clamped to `0 <= dominant <= num_tokens - 1` and `0 <= contextual <= num_tokens - 1 - dominant`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, 1 + dominant + contextual, dim)`: `[class token, dominant patches in
+        original order, contextual tokens in the original order of their anchors]`. Equal attention goes to the
+        earlier patch.
+    """
+    batch_size, num_tokens, dim = hidden_states.shape
+    patches = num_tokens - 1
+    dominant = max(0, min(int(dominant), patches))
+    contextual = max(0, min(int(contextual), patches - dominant))
+    with torch.no_grad():
+        order = cls_attention[:, 1:].float().argsort(dim=1, descending=True, stable=True) + 1
+        dom = order[:, :dominant].sort(dim=1).values
+        rest = order[:, dominant:].sort(dim=1).values  # [B, R] positions of the other patches, original order
+    parts = [hidden_states[:, :1], gather_tokens(hidden_states, dom)]
+    if contextual > 0:
+        remaining = rest.shape[1]
+        step = max(1, remaining // contextual)
+        is_anchor = torch.zeros(remaining, dtype=torch.bool, device=rest.device)
+        is_anchor[: step * contextual : step] = True
+        anchors, others = rest[:, is_anchor], rest[:, ~is_anchor]
+        x_anchor = gather_tokens(hidden_states, anchors).float()
+        sums = x_anchor
+        counts = torch.ones(batch_size, contextual, 1, device=hidden_states.device)
+        if others.shape[1] > 0:
+            with torch.no_grad():
+                unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                sim = gather_tokens(unit, others) @ gather_tokens(unit, anchors).transpose(1, 2)  # [B, R - c, c]
+                assign = sim.argmax(dim=-1, keepdim=True)  # [B, R - c, 1]: first maximum wins ties
+            x_other = gather_tokens(hidden_states, others).float()
+            sums = sums.scatter_add(1, assign.expand(-1, -1, dim), x_other)
+            counts = counts.scatter_add(1, assign, torch.ones_like(assign, dtype=counts.dtype))
+        parts.append((sums / counts).to(hidden_states.dtype))
+    return torch.cat(parts, dim=1)
+
+
+def iqr_outlier_count(values: torch.Tensor) -> int:
+    """
+    PruMerge's adaptive token count: how many values of the whole batch are outliers (above `Q3 + 1.5 * IQR` of all
+    values, linear-interpolated quartiles), divided by the batch size (rounded down, at least 1).
+
+    The count is computed over the flattened batch, as in the reference code, so every sample keeps the same number of
+    tokens; a sample's count therefore depends on the other samples of its batch.
+
+    Args:
+        values (`torch.Tensor` of shape `(batch_size, num_patches)`): the class token's attention to each patch.
+
+    Returns:
+        `int` in `[1, num_patches]`.
+    """
+    flat = values.detach().float().flatten()
+    q1, q3 = torch.quantile(flat, torch.tensor([0.25, 0.75], device=flat.device))
+    outliers = int((flat > q3 + 1.5 * (q3 - q1)).sum())
+    return max(1, min(values.shape[1], outliers // values.shape[0]))
+
+
+def prumerge_keep_index(cls_attention: torch.Tensor, num_outliers: int, num_total: int | None = None) -> torch.Tensor:
+    """
+    Patches PruMerge keeps: the `num_outliers` most attended; PruMerge+ (`num_total > num_outliers`) fills up to
+    `num_total` with patches on a uniform stride `max(1, num_patches // (num_total - num_outliers))` over the raster
+    order, then (if the stride points run out) with the next most attended patches.
+
+    Args:
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_patches)`): class-token attention to each patch.
+        num_outliers (`int`): the most attended patches kept (e.g. [`iqr_outlier_count`]).
+        num_total (`int`, *optional*): patches kept in all; `num_outliers` when None. Clamped to `num_patches`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_total)`, long, ascending patch indices (0 = first patch, the class
+        token excluded). Equal attention goes to the earlier patch.
+    """
+    batch_size, num_patches = cls_attention.shape
+    num_total = min(num_patches, num_outliers if num_total is None else num_total)
+    num_outliers = max(0, min(num_outliers, num_total))
+    with torch.no_grad():
+        attn = cls_attention.float().clamp(0, 1)
+        rank = attn.argsort(dim=1, descending=True, stable=True)
+        # tiers 4 (outliers) > 2 (stride points) > 0 (the rest); attention in [0, 1] orders tokens within a tier
+        tier = torch.zeros_like(attn).scatter(1, rank[:, :num_outliers], 4.0)
+        extra = num_total - num_outliers
+        if extra > 0:
+            grid = torch.arange(0, num_patches, max(1, num_patches // extra), device=attn.device)
+            tier[:, grid] = tier[:, grid].clamp_min(2.0)
+        order = (tier + attn).argsort(dim=1, descending=True, stable=True)
+        return order[:, :num_total].sort(dim=1).values
+
+
+def prumerge_merge(
+    hidden_states: torch.Tensor,
+    cls_attention: torch.Tensor,
+    keys: torch.Tensor,
+    keep: torch.Tensor,
+    neighbours: int = 32,
+    extra_token: bool = True,
+) -> torch.Tensor:
+    """
+    PruMerge's merge: every kept patch `i` absorbs its `neighbours` most key-similar other patches `j`, weighted by
+    their class-token attention: `x_i + sum_j a_j x_j`; the optional extra token is `sum_j a_j x_j` over the patches
+    not kept.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch_size, num_tokens, dim)`): index 0 is the class token.
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_tokens)`): class-token attention to every token.
+        keys (`torch.Tensor` of shape `(batch_size, num_tokens, channels)`): the feature layer's keys.
+        keep (`torch.Tensor` of shape `(batch_size, k)`): ascending patch indices ([`prumerge_keep_index`]).
+        neighbours (`int`, *optional*, defaults to 32): clamped to `num_tokens - 2` (all other patches).
+        extra_token (`bool`, *optional*, defaults to `True`): append the attention-weighted sum of the dropped
+            patches.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, 1 + k + extra_token, dim)`: `[class token, kept patches in original
+        order, extra token]`. Neighbours are chosen among all other patches, kept or not (cosine similarity).
+    """
+    x = hidden_states[:, 1:].float()
+    attn = cls_attention[:, 1:].float()
+    batch_size, num_patches, _ = x.shape
+    k = keep.shape[1]
+    m = max(0, min(int(neighbours), num_patches - 1))
+    weights = torch.zeros(batch_size, k, num_patches, device=x.device)
+    if m > 0:
+        with torch.no_grad():
+            unit = keys[:, 1:].float() / keys[:, 1:].float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            sim = gather_tokens(unit, keep) @ unit.transpose(1, 2)  # [B, k, P]
+            sim.scatter_(2, keep[..., None], -math.inf)  # a patch is not its own neighbour
+            near = sim.topk(m, dim=-1).indices  # [B, k, m]
+        weights = weights.scatter(2, near, attn[:, None, :].expand(-1, k, -1).gather(2, near))
+    parts = [hidden_states[:, :1], (gather_tokens(x, keep) + weights @ x).to(hidden_states.dtype)]
+    if extra_token:
+        dropped = torch.ones_like(attn).scatter(1, keep, 0.0)
+        parts.append(((attn * dropped)[:, None, :] @ x).to(hidden_states.dtype))
+    return torch.cat(parts, dim=1)
+
+
+def keep_count(num_tokens: int, keep_ratio: float) -> int:
+    """Tokens kept out of `num_tokens` at `keep_ratio` in `(0, 1]`: rounded half up, at least 1 (0 of 0)."""
+    if num_tokens <= 0:
+        return 0
+    return max(1, min(num_tokens, int(math.floor(keep_ratio * num_tokens + 0.5))))
