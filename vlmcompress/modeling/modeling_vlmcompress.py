@@ -14,6 +14,7 @@ from transformers import (Blip2ForConditionalGeneration, BlipForImageTextRetriev
 
 from .configuration_vlmcompress import (VlmcBlip2Config, VlmcBlipConfig, VlmcCLIPConfig, VlmcLlavaConfig,
                                         VlmcSiglipConfig)
+from .llava_reduction import LLAVA_LLM_ALGORITHMS, apply_llm_reduction
 from .quantized import apply_quantization
 from .reduction import apply_token_reduction, shrink_placeholder_runs
 from .shapes import apply_shape_record, patch_fused_attention
@@ -25,7 +26,11 @@ def setup_compressed(model: torch.nn.Module) -> None:
     record = getattr(model.config, "vlmcompress", None) or {}
     apply_shape_record(model, record.get("param_shapes", {}), record.get("module_attrs", {}))
     patch_fused_attention(model, record.get("param_shapes", {}))
-    apply_token_reduction(model, getattr(model.config, "token_reduction", None))
+    reduction = getattr(model.config, "token_reduction", None)
+    if reduction and reduction["algorithm"] in LLAVA_LLM_ALGORITHMS:
+        apply_llm_reduction(model, reduction)  # FastV: inside the language model
+    else:
+        apply_token_reduction(model, reduction)
     apply_quantization(model, getattr(model.config, "quantization", None))
 
 
@@ -83,7 +88,10 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA whose prompts shrink to the reduced number of image tokens.
 
     Modifications: `forward` and `generate` shorten each run of image placeholders written by the processor to the
-    number of tokens the reduced vision tower produces, so prompts built by the saved processor keep working.
+    number of tokens the reduced vision tower produces, so prompts built by the saved processor keep working. When
+    that number depends on the images (`token_reduction.data_dependent`, PruMerge's adaptive mode), the vision tower
+    runs first and the placeholders shrink to the count it returned. With FastV (image tokens dropped inside the
+    language model), logits cover the kept positions only and `labels` are gathered to match.
     """
 
     config_class = VlmcLlavaConfig
@@ -92,8 +100,9 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(config)
         setup_compressed(self)
 
-    def _shrink(self, input_ids, *aligned):
-        full, keep = llava_image_token_counts(self.config)
+    def _shrink(self, input_ids, *aligned, keep: int | None = None):
+        full, static_keep = llava_image_token_counts(self.config)
+        keep = static_keep if keep is None else keep
         if input_ids is None or keep == full:
             return (input_ids, *aligned)
         per_row = (input_ids == self.config.image_token_id).sum(dim=1)
@@ -101,13 +110,35 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return (input_ids, *aligned)  # already shortened (or no image): nothing to do
         return shrink_placeholder_runs(input_ids, self.config.image_token_id, full, keep, *aligned)
 
+    def _data_dependent(self) -> bool:
+        return bool((getattr(self.config, "token_reduction", None) or {}).get("data_dependent"))
+
+    def _encode_images(self, pixel_values, kwargs) -> tuple[dict, int]:
+        """Run the vision tower now: (`mm_encoder_outputs` for the stock forward, image tokens per image)."""
+        image = self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
+        return {"image": image}, int(image.pooler_output[0].shape[0])
+
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
                 **kwargs):
         if pixel_values is not None:
+            keep = None
+            if self._data_dependent():
+                kwargs["mm_encoder_outputs"], keep = self._encode_images(pixel_values, kwargs)
+                pixel_values = None
             input_ids, attention_mask, position_ids, labels = self._shrink(input_ids, attention_mask, position_ids,
-                                                                           labels)
-        return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                               position_ids=position_ids, labels=labels, **kwargs)
+                                                                           labels, keep=keep)
+        fastv = getattr(self.model, "_vlmc_fastv", None)
+        if fastv is None or labels is None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, labels=labels, **kwargs)
+        out = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                              position_ids=position_ids, **kwargs)
+        if fastv.keep is not None and out.logits.shape[1] == fastv.keep.shape[1]:
+            labels = labels.gather(1, fastv.keep)  # the dropped image positions carry no logits
+        out.loss = self.loss_function(logits=out.logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return out
 
     def generate(self, inputs=None, **kwargs):
         """As `LlavaForConditionalGeneration.generate`; the returned sequences start with the prompt as given (full
@@ -115,7 +146,10 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         prompt = kwargs.pop("input_ids", inputs)
         input_ids = prompt
         if kwargs.get("pixel_values") is not None:
-            input_ids, kwargs["attention_mask"] = self._shrink(prompt, kwargs.get("attention_mask"))
+            keep = None
+            if self._data_dependent():
+                kwargs["mm_encoder_outputs"], keep = self._encode_images(kwargs.pop("pixel_values"), kwargs)
+            input_ids, kwargs["attention_mask"] = self._shrink(prompt, kwargs.get("attention_mask"), keep=keep)
         out = super().generate(input_ids, **kwargs)
         if input_ids is prompt or prompt is None:
             return out

@@ -1,0 +1,496 @@
+"""FastV, VisionZip and PruMerge for LLaVA-style models.
+
+Kernels (`vlmcompress.modeling.token_ops`) against slow loop implementations written from the algorithm descriptions
+(methods.md §8), on hand-checkable cases and random ones, plus invariants.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vlmcompress.modeling.token_ops import (
+    fastv_keep_index,
+    iqr_outlier_count,
+    last_token_attention,
+    prumerge_keep_index,
+    prumerge_merge,
+    visionzip_merge,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# loop references
+
+
+def ref_last_token_attention(query, keys, valid, scale):
+    b_size, heads, _ = query.shape
+    groups = heads // keys.shape[1]
+    out = torch.zeros(b_size, keys.shape[2])
+    for b in range(b_size):
+        for h in range(heads):
+            logits = [float(query[b, h] @ keys[b, h // groups, j]) * scale if valid[b, j] else -math.inf
+                      for j in range(keys.shape[2])]
+            top = max(logits)
+            e = [math.exp(v - top) if v != -math.inf else 0.0 for v in logits]
+            out[b] += torch.tensor(e) / sum(e) / heads
+    return out
+
+
+def ref_fastv(scores, image_mask, num_keep):
+    rows = []
+    for b in range(scores.shape[0]):
+        image = [j for j in range(scores.shape[1]) if image_mask[b, j]]
+        ranked = sorted(image, key=lambda j: (-float(scores[b, j]), j))
+        kept = set(ranked[:num_keep]) | {j for j in range(scores.shape[1]) if not image_mask[b, j]}
+        rows.append(sorted(kept))
+    return torch.tensor(rows)
+
+
+def ref_visionzip(x, attn, metric, dominant, contextual):
+    out = []
+    for b in range(x.shape[0]):
+        patches = list(range(1, x.shape[1]))
+        ranked = sorted(patches, key=lambda j: (-float(attn[b, j]), j))
+        dom = sorted(ranked[:dominant])
+        rest = sorted(ranked[dominant:])
+        anchors = rest[::max(1, len(rest) // contextual)][:contextual] if contextual else []
+        groups = {a: [a] for a in anchors}
+        for j in rest:
+            if j in groups:
+                continue
+            sims = [float(torch.nn.functional.cosine_similarity(metric[b, j], metric[b, a], dim=0)) for a in anchors]
+            groups[anchors[sims.index(max(sims))]].append(j)
+        tokens = [x[b, 0]] + [x[b, j] for j in dom] + [torch.stack([x[b, j] for j in groups[a]]).mean(0)
+                                                       for a in anchors]
+        out.append(torch.stack(tokens))
+    return torch.stack(out)
+
+
+def ref_prumerge(x, attn, keys, keep, neighbours, extra_token):
+    out = []
+    for b in range(x.shape[0]):
+        patches = list(range(1, x.shape[1]))
+        kept = [int(i) + 1 for i in keep[b]]
+        tokens = [x[b, 0]]
+        for i in kept:
+            sims = {j: float(torch.nn.functional.cosine_similarity(keys[b, i], keys[b, j], dim=0))
+                    for j in patches if j != i}
+            near = sorted(sims, key=lambda j: -sims[j])[:neighbours]
+            tokens.append(x[b, i] + sum(attn[b, j] * x[b, j] for j in near))
+        if extra_token:
+            tokens.append(sum(attn[b, j] * x[b, j] for j in patches if j not in kept))
+        out.append(torch.stack(tokens))
+    return torch.stack(out)
+
+
+def ref_prumerge_keep(attn, num_outliers, num_total):
+    rows = []
+    p = attn.shape[1]
+    for b in range(attn.shape[0]):
+        ranked = sorted(range(p), key=lambda j: (-float(attn[b, j]), j))
+        outliers = ranked[:num_outliers]
+        grid = set(range(0, p, max(1, p // (num_total - num_outliers)))) if num_total > num_outliers else set()
+        tier = {j: 2 if j in outliers else 1 if j in grid else 0 for j in range(p)}
+        order = sorted(range(p), key=lambda j: (-tier[j], -float(attn[b, j]), j))
+        rows.append(sorted(order[:num_total]))
+    return torch.tensor(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+def test_last_token_attention_matches_loop_with_gqa_and_padding():
+    g = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(3, 4, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[1, :2] = False  # left padding
+    valid[2, :5] = False
+    got = last_token_attention(query, keys, valid, 8 ** -0.5)
+    torch.testing.assert_close(got, ref_last_token_attention(query, keys, valid, 8 ** -0.5), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(3))
+    assert (got[~valid] == 0).all()
+
+
+def test_fastv_keep_index_hand_case():
+    # [text, img, img, img, img, text]: the two most attended images (positions 3 and 1) survive; ties go early
+    scores = torch.tensor([[0.1, 0.3, 0.05, 0.4, 0.05, 0.1],
+                           [0.1, 0.2, 0.20, 0.2, 0.10, 0.2]])
+    image = torch.tensor([[0, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
+    assert fastv_keep_index(scores, image, 2).tolist() == [[0, 1, 3, 5], [0, 1, 2, 5]]
+    assert fastv_keep_index(scores, image, 4).tolist() == [list(range(6))] * 2  # nothing to drop
+    assert fastv_keep_index(scores, image, 0).tolist() == [[0, 5]] * 2
+
+
+def test_fastv_keep_index_random_against_loop_and_invariants():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        b, length, n_img = 4, 30, 12
+        image = torch.zeros(b, length, dtype=torch.bool)
+        for row in range(b):  # image runs at different offsets (left padding shifts them)
+            start = int(torch.randint(0, length - n_img, (1,), generator=g))
+            image[row, start:start + n_img] = True
+        scores = torch.rand(b, length, generator=g).round(decimals=1)  # many ties
+        keep = int(torch.randint(0, n_img + 1, (1,), generator=g))
+        got = fastv_keep_index(scores, image, keep)
+        assert torch.equal(got, ref_fastv(scores, image, keep)), trial
+        assert got.shape == (b, length - n_img + keep)
+        assert (got.diff(dim=1) > 0).all()  # original order
+        assert (image.gather(1, got).sum(1) == keep).all()
+
+
+def test_fastv_keep_index_rejects_ragged_image_counts():
+    image = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="same number of image tokens"):
+        fastv_keep_index(torch.rand(2, 4), image, 1)
+
+
+def test_visionzip_hand_case():
+    # CLS + 6 patches with scalar features; attention picks patches 2 and 5 as dominant
+    x = torch.tensor([[[100.], [1.], [2.], [3.], [4.], [5.], [6.]]])
+    attn = torch.tensor([[0.0, 0.1, 0.3, 0.05, 0.05, 0.4, 0.1]])
+    # remaining patches 1, 3, 4, 6; anchors at stride 4 // 2 = 2: patches 1 and 4; 3 is close to 1, 6 to 4
+    metric = torch.tensor([[[0., 1.], [1., 0.], [0., 1.], [1., 0.1], [0.1, 1.], [0., 1.], [0.2, 1.]]])
+    got = visionzip_merge(x, attn, metric, dominant=2, contextual=2)
+    assert got[0, :, 0].tolist() == [100., 2., 5., (1. + 3.) / 2, (4. + 6.) / 2]
+
+
+def test_visionzip_random_against_loop_and_invariants():
+    g = torch.Generator().manual_seed(2)
+    x, metric = torch.randn(3, 17, 5, generator=g), torch.randn(3, 17, 4, generator=g)
+    attn = torch.rand(3, 17, generator=g).softmax(-1)
+    for dominant, contextual in [(4, 3), (10, 6), (0, 5), (16, 0), (3, 13)]:
+        got = visionzip_merge(x, attn, metric, dominant, contextual)
+        assert got.shape == (3, 1 + dominant + contextual, 5)
+        torch.testing.assert_close(got, ref_visionzip(x, attn, metric, dominant, contextual))
+        assert torch.equal(got[:, 0], x[:, 0])  # CLS untouched
+    # every patch kept as dominant: the identity (same tokens, same order)
+    assert torch.equal(visionzip_merge(x, attn, metric, 16, 0), x)
+    # merging identical tokens is lossless
+    same = x[:, :1].expand(3, 17, 5).clone()
+    torch.testing.assert_close(visionzip_merge(same, attn, metric, 4, 3), same[:, :8])
+
+
+def test_iqr_outlier_count_against_numpy():
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(4, 50, generator=g) ** 6  # a heavy right tail
+    flat = values.flatten().numpy()
+    q1, q3 = np.percentile(flat, [25, 75])
+    expected = int((flat > q3 + 1.5 * (q3 - q1)).sum()) // 4
+    assert expected > 1
+    assert iqr_outlier_count(values) == expected
+    assert iqr_outlier_count(torch.full((2, 10), 0.1)) == 1  # no outlier: at least one token stays
+
+
+def test_prumerge_keep_index_against_loop():
+    g = torch.Generator().manual_seed(4)
+    attn = torch.rand(3, 20, generator=g).round(decimals=1)
+    for outliers, total in [(3, 3), (3, 8), (0, 5), (5, 20), (2, 12)]:
+        got = prumerge_keep_index(attn, outliers, total)
+        assert torch.equal(got, ref_prumerge_keep(attn, outliers, total)), (outliers, total)
+    hand = torch.tensor([[0.1, 0.5, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0]])
+    assert prumerge_keep_index(hand, 2).tolist() == [[1, 3]]
+    # PruMerge+: 2 outliers + stride 8 // 2 = 4 points (0 and 4)
+    assert prumerge_keep_index(hand, 2, 4).tolist() == [[0, 1, 3, 4]]
+
+
+def test_prumerge_merge_hand_case_and_against_loop():
+    # CLS + 4 patches; keep patch 1 (index 0); its single nearest neighbour by key is patch 3 (index 2)
+    x = torch.tensor([[[9.], [1.], [2.], [4.], [8.]]])
+    attn = torch.tensor([[0.0, 0.4, 0.1, 0.3, 0.2]])
+    keys = torch.tensor([[[0., 0.], [1., 0.], [0., 1.], [1., 0.1], [-1., 0.]]])
+    got = prumerge_merge(x, attn, keys, torch.tensor([[0]]), neighbours=1, extra_token=True)
+    assert got[0, :, 0].tolist() == pytest.approx([9., 1. + 0.3 * 4., 0.1 * 2. + 0.3 * 4. + 0.2 * 8.])
+
+    g = torch.Generator().manual_seed(5)
+    x, keys = torch.randn(2, 13, 6, generator=g), torch.randn(2, 13, 3, generator=g)
+    attn = torch.rand(2, 13, generator=g).softmax(-1)
+    keep = prumerge_keep_index(attn[:, 1:], 4)
+    for neighbours, extra in [(3, True), (32, False), (0, True)]:
+        got = prumerge_merge(x, attn, keys, keep, neighbours, extra)
+        assert got.shape == (2, 1 + 4 + extra, 6)
+        torch.testing.assert_close(got, ref_prumerge(x, attn, keys, keep, neighbours, extra))
+        assert torch.equal(got[:, 0], x[:, 0])
+    # no neighbours: the kept patches are the inputs themselves
+    assert torch.equal(prumerge_merge(x, attn, keys, keep, 0, False)[:, 1:], x[:, 1:].gather(
+        1, keep[..., None].expand(-1, -1, 6)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models: tiny-llava (2 vision layers, feature layer 0; 2-layer Llama with grouped-query attention)
+
+FASTV = {"method": "token_reduce", "algorithm": "fastv", "layer": 1, "keep_ratio": 0.25}
+VISIONZIP = {"method": "token_reduce", "algorithm": "visionzip", "keep_ratio": 0.5}
+PRUMERGE_FIXED = {"method": "token_reduce", "algorithm": "prumerge", "keep_ratio": 0.3, "plus": True}
+PRUMERGE_ADAPTIVE = {"method": "token_reduce", "algorithm": "prumerge"}
+STAGES = {"fastv": FASTV, "visionzip": VISIONZIP, "prumerge_fixed": PRUMERGE_FIXED,
+          "prumerge_adaptive": PRUMERGE_ADAPTIVE}
+IMAGE_ID = 4
+LLM_LAYERS = "model.language_model.layers"
+VISION_LAYERS = "model.vision_tower.encoder.layers"
+
+
+def tiny():
+    from vlmcompress.adapters import BUILTIN_TINY
+
+    return BUILTIN_TINY["tiny-llava"]
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    """name → (output folder, in-memory model returned by apply)."""
+    import vlmcompress
+
+    out = {}
+    for name, stage in STAGES.items():
+        folder = tmp_path_factory.mktemp(name) / "out"
+        out[name] = (folder, vlmcompress.apply({"model": "tiny-llava", "output": str(folder), "stages": [stage]},
+                                               progress=False))
+    return out
+
+
+def padded_batch(seed=0):
+    """Two prompts `[text, 64 image placeholders, text]` of different lengths, the shorter one left-padded, and the
+    same prompts one by one without padding."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    rows = [torch.cat([torch.randint(5, 30, (3,), generator=g), torch.full((64,), IMAGE_ID),
+                       torch.randint(5, 30, (n,), generator=g)]) for n in (6, 2)]
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    singles = [{"input_ids": r[None], "attention_mask": torch.ones(1, len(r), dtype=torch.long),
+                "pixel_values": pixels[i:i + 1]} for i, r in enumerate(rows)]
+    return batch, singles
+
+
+def layer_tokens(model, path, run):
+    seen = []
+    hooks = [layer.register_forward_hook(
+        lambda mod, args, output: seen.append((output[0] if isinstance(output, tuple) else output).shape[1]))
+        for layer in model.get_submodule(path)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_fastv_scores_equal_eager_attention_of_layer_k():
+    from vlmcompress.modeling.llava_reduction import apply_fastv
+
+    eager = tiny().tiny_model(0)
+    eager.set_attn_implementation("eager")
+    model = tiny().tiny_model(0)  # SDPA: FastV computes its one attention row itself
+    state = apply_fastv(model, {"layers_path": LLM_LAYERS, "inputs_path": "model", "layer": 1, "keep_ratio": 0.5,
+                                "image_token_id": IMAGE_ID})
+    batch, _ = padded_batch()
+    position_ids = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        attentions = eager(**batch, position_ids=position_ids, output_attentions=True).attentions
+        model(**batch, position_ids=position_ids)
+    expected = attentions[0][:, :, -1, :].float().mean(dim=1)  # layer K = 1 (index 0), last query, mean over heads
+    torch.testing.assert_close(state.scores, expected, atol=1e-6, rtol=1e-4)
+    assert (state.scores[batch["attention_mask"] == 0] == 0).all()
+    image = batch["input_ids"] == IMAGE_ID
+    kept_image = image.gather(1, state.keep)
+    assert (kept_image.sum(1) == 32).all()
+    # the kept image tokens are the most attended ones of each row
+    for b in range(2):
+        kept_scores = state.scores[b][state.keep[b][kept_image[b]]]
+        dropped = image[b].clone()
+        dropped[state.keep[b]] = False
+        assert kept_scores.min() >= state.scores[b][dropped].max()
+
+
+def test_fastv_identity_at_keep_ratio_one_and_changes_outputs_below():
+    from vlmcompress.modeling.llava_reduction import apply_fastv
+
+    base = tiny().tiny_model(0)
+    inputs = tiny().example_inputs(base, batch_size=2)
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    for ratio, same in ((1.0, True), (0.5, False)):
+        model = tiny().tiny_model(0)
+        apply_fastv(model, {"layers_path": LLM_LAYERS, "inputs_path": "model", "layer": 1, "keep_ratio": ratio,
+                            "image_token_id": IMAGE_ID})
+        with torch.no_grad():
+            got = model(**inputs).logits
+        diff = (got[:, -1] - expected[:, -1]).abs().max().item()
+        assert (diff < 1e-5) if same else (diff > 1e-3), (ratio, diff)
+        assert got.shape[1] == expected.shape[1] - (0 if same else 32)
+
+
+def test_fastv_generate_equals_prefill_and_decode_by_hand(reduced):
+    _, model = reduced["fastv"]
+    batch, _ = padded_batch()
+    steps = 6
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=steps, do_sample=False, eos_token_id=[])[:, -steps:]
+        mask = batch["attention_mask"]
+        position = (mask.cumsum(1) - 1).clamp_min(0)
+        out = model(**batch, position_ids=position, use_cache=True)
+        cache = out.past_key_values
+        # the first decoder layer holds the whole prompt, the pruned layer 3/4 of the image tokens fewer
+        assert cache.get_seq_length(0) - cache.get_seq_length(1) == 48
+        token = out.logits[:, -1:].argmax(-1)
+        tokens, pos = [token], position[:, -1:]
+        for _ in range(steps - 1):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            pos = pos + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    assert torch.equal(generated, torch.cat(tokens, dim=1))
+
+
+@pytest.mark.parametrize("name", ["fastv", "visionzip", "prumerge_fixed"])
+def test_batched_left_padded_equals_each_sample_alone(reduced, name):
+    _, model = reduced[name]
+    batch, singles = padded_batch(seed=1)
+    kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=[], output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        together = model.generate(**batch, **kwargs)
+        for i, single in enumerate(singles):
+            alone = model.generate(**single, **kwargs)
+            assert torch.equal(together.sequences[i, -4:], alone.sequences[0, -4:]), (name, i)
+            for step in range(4):
+                torch.testing.assert_close(together.logits[step][i], alone.logits[step][0], atol=2e-5, rtol=1e-4)
+
+
+def test_tokens_per_layer_follow_the_schedule(reduced):
+    inputs = tiny().example_inputs(reduced["fastv"][1], batch_size=2)  # 64 image tokens + 6 text tokens
+    _, fastv = reduced["fastv"]
+    assert fastv.vlmcompress_report["tokens_per_layer"] == {"llm": [64, 16, 16]}
+    assert layer_tokens(fastv, LLM_LAYERS, lambda: fastv(**inputs)) == [6 + 16, 6 + 16]
+    assert fastv.model._vlmc_fastv.image_tokens == [16, 16]
+    _, vz = reduced["visionzip"]
+    assert vz.vlmcompress_report["tokens_per_layer"] == {"vision": [65, 33, 33]}
+    assert vz.config.token_reduction["options"] == {"layer": 0, "dominant": 27, "contextual": 5}
+    assert layer_tokens(vz, VISION_LAYERS, lambda: vz(**inputs)) == [33, 33]
+    assert layer_tokens(vz, LLM_LAYERS, lambda: vz(**inputs)) == [6 + 32, 6 + 32]  # CLS dropped ("default")
+    _, pm = reduced["prumerge_fixed"]
+    # 30% of 64 patches = 19 tokens: 18 selected (5 outliers + stride points) + the extra token
+    assert pm.config.token_reduction["options"] | {} == {"layer": 0, "mode": "fixed", "neighbours": 32, "plus": True,
+                                                          "extra_token": True, "selected": 18, "outliers": 5}
+    assert layer_tokens(pm, VISION_LAYERS, lambda: pm(**inputs)) == [20, 20]
+
+
+def test_prumerge_adaptive_count_is_chosen_at_run_time(reduced):
+    from vlmcompress.modeling.reduction import class_attention, project_qkv
+
+    _, model = reduced["prumerge_adaptive"]
+    block = model.config.token_reduction
+    assert block["data_dependent"] is True and block["towers"][0]["data_dependent"] is True
+    inputs = tiny().example_inputs(model, batch_size=2)
+    # the count the kernel must choose: IQR outliers of layer 0's CLS attention over the whole batch
+    vision = model.model.vision_tower
+    with torch.no_grad():
+        x = vision.embeddings(inputs["pixel_values"])
+        x = vision.pre_layrnorm(x)
+        layer = vision.encoder.layers[0]
+        q, k, _ = project_qkv(layer.self_attn, layer.layer_norm1(x))
+        expected = iqr_outlier_count(class_attention(q, k, layer.self_attn.scale, None, True)[:, 1:])
+    assert 1 <= expected < 30
+    seen = layer_tokens(model, LLM_LAYERS, lambda: model(**inputs))
+    assert seen == [6 + expected + 1] * 2  # kept patches + the extra token (CLS dropped)
+    tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert tokens.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(tokens[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])  # prompt as given
+
+
+def test_fastv_labels_align_with_the_kept_positions(reduced):
+    _, model = reduced["fastv"]
+    inputs = tiny().example_inputs(model, batch_size=2)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_ID, -100)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    keep = model.model._vlmc_fastv.keep
+    kept_labels = labels.gather(1, keep)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), kept_labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+
+
+CHILD = """
+import sys
+sys.modules["vlmcompress"] = None  # the checkpoint must load with stock transformers and its own modeling files
+import json
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+io_dir, folders = sys.argv[1], sys.argv[2:]
+inputs = load_file(io_dir + "/inputs.safetensors")
+for i, folder in enumerate(folders):
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=[])[:, -4:]
+    save_file({"logits": logits.contiguous(), "tokens": tokens.contiguous()}, f"{io_dir}/out{i}.safetensors")
+"""
+
+
+def main_outputs(model, inputs):
+    with torch.no_grad():
+        return {"logits": model(**inputs).logits[:, -1],
+                "tokens": model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=[])[:, -4:]}
+
+
+def test_checkpoints_reload_in_a_fresh_process_and_with_vlmcompress(reduced, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    import vlmcompress
+
+    batch, _ = padded_batch(seed=2)
+    save_file(batch, str(tmp_path / "inputs.safetensors"))
+    names = list(STAGES)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *(str(reduced[n][0]) for n in names)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = main_outputs(tiny().tiny_model(0), batch)
+    for i, name in enumerate(names):
+        folder, model = reduced[name]
+        expected = main_outputs(model, batch)
+        child = load_file(str(tmp_path / f"out{i}.safetensors"))
+        loaded = main_outputs(vlmcompress.load(folder), batch)
+        for got, how in ((child, "from_pretrained in a fresh process"), (loaded, "vlmcompress.load")):
+            torch.testing.assert_close(got["logits"], expected["logits"], atol=1e-5, rtol=1e-5, msg=f"{name} {how}")
+            assert torch.equal(got["tokens"], expected["tokens"]), (name, how)
+        # the reduction is active: the outputs are not those of the unreduced model
+        assert (expected["logits"] - base["logits"]).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("stage, fragment", [
+    ({"algorithm": "fastv", "layer": 2}, "between 1 and 1 for this 2-layer language model; got 2"),
+    ({"algorithm": "fastv", "components": ["vision"]}, "use components: [llm]"),
+    ({"algorithm": "visionzip", "dominant": 60, "contextual": 10}, "has 64 patches"),
+    ({"algorithm": "prumerge", "components": ["llm"]}, "use components: [vision]"),
+])
+def test_bad_settings_are_one_line_errors(stage, fragment, tmp_path):
+    from vlmcompress.errors import VlmCompressError
+    import vlmcompress
+
+    with pytest.raises(VlmCompressError, match=re_escape(fragment)):
+        vlmcompress.apply({"model": "tiny-llava", "output": str(tmp_path / "out"),
+                           "stages": [{"method": "token_reduce", **stage}]}, progress=False)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
