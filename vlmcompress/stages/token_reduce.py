@@ -55,7 +55,8 @@ class TokenReduceConfig(StageConfig):
     )
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0,
                                      description="fraction of the tokens left after the last layer (a constant r "
-                                                 "is chosen to hit it); instead of r")
+                                                 "is chosen to hit it); instead of r. fastv / visionzip / prumerge: "
+                                                 "fraction of the image tokens kept at the reduction point")
     components: list[Literal["vision", "text", "llm"]] = Field(["vision"], min_length=1,
                                                              description="towers to reduce (fastv: [llm])")
     proportional_attention: bool = Field(True, description="weight attention by merged-token sizes (log size bias)")
