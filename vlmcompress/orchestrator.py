@@ -202,12 +202,11 @@ def apply(
             # measure the model as it is saved: its compressed class (a token-reduced LLaVA shrinks the processor's
             # image placeholders to the tokens its vision tower now hands on)
             to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
-            measured = ctx.model if ctx.deployed is None else ctx.deployed  # e.g. the exported ONNX graphs
-            accuracy_out = measure(measured, processor, adapter.family, rows)
+            accuracy_out = measure(ctx.model, processor, adapter.family, rows)
             if accuracy_out is not None:
                 report.details["accuracy"] = {"before": accuracy_in, "after": accuracy_out}
             if speed_before is not None:
-                speed_in, speed_out = speed_out, quick_speed(measured, adapter)
+                speed_in, speed_out = speed_out, quick_speed(ctx.model, adapter)
                 report.details["speed"] = {"before": speed_in, "after": speed_out}
             ctx.reports.append(report)
             if save:
