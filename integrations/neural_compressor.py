@@ -18,6 +18,7 @@ extra adds it); its INFO logging is silenced.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from typing import Any
 
@@ -27,12 +28,19 @@ from ..errors import BackendNotInstalledError
 
 
 def _inc():
+    saved = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "ERROR"  # INC's logger reads its level from $LOGLEVEL when first imported
     try:
         import accelerate  # noqa: F401  (INC imports it lazily and fails mid-quantization without it)
         import neural_compressor.torch.quantization as inc
     except ImportError as e:
         package = "accelerate" if "accelerate" in str(e) else "neural-compressor-pt"
         raise BackendNotInstalledError(package, "neural_compressor") from None
+    finally:
+        if saved is None:
+            os.environ.pop("LOGLEVEL", None)
+        else:
+            os.environ["LOGLEVEL"] = saved
     logging.getLogger("neural_compressor").setLevel(logging.ERROR)
     return inc
 
@@ -62,41 +70,45 @@ def _component_inputs(model: nn.Module, component: nn.Module, calibrate) -> list
     return captured
 
 
-def quantize_linears(model: nn.Module, names: list[str], scheme: str, config: Any, calibrate=None
-                     ) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, Any]]:
-    """Quantize the `nn.Linear` layers `names` of `model` in place with INC's RTN or GPTQ.
+def quantize_linears(model: nn.Module, groups: dict[str, tuple[str, list[str]]], config: Any, calibrate=None
+                     ) -> tuple[dict[str, dict], dict[str, nn.Module], dict[str, Any]]:
+    """Quantize `nn.Linear` layers of `model` in place with INC's RTN or GPTQ; `groups` maps a component to
+    `(scheme, layer names)`.
 
     Returns:
-        (options to record: bits, group size, symmetry, ...; `{name: INCWeightOnlyLinear}`; notes)
+        (options to record per component: bits, group size, ...; `{name: INCWeightOnlyLinear}`; notes)
     """
     inc = _inc()
-    bits = 4 if scheme == "int4_weight_only" else 8
-    group_size = config.group_size if config.group_size is not None else (32 if bits == 4 else -1)
-    dtype = model.get_submodule(names[0]).weight.dtype
+    dtype = model.get_submodule(next(iter(groups.values()))[1][0]).weight.dtype
     notes: dict[str, Any] = {"dtype": dtype, "algorithm": {}}
-    gptq_done: set[str] = set()
-    if config.algorithm == "gptq":
-        gptq_done = _gptq(inc, model, names, bits, group_size, calibrate, notes)
-    for name in names:
-        if name in gptq_done:
-            continue
-        # RTN is layer-local: quantize each chosen layer on its own (exactly the chosen ones, nothing else)
-        parent, _, child = name.rpartition(".")
-        holder = nn.Sequential()
-        holder.add_module("layer", model.get_submodule(name))
-        holder = inc.convert(inc.prepare(holder, inc.RTNConfig(bits=bits, group_size=group_size, use_sym=True)))
-        setattr(model.get_submodule(parent) if parent else model, child, holder.layer)
-        notes["algorithm"][name] = "rtn"
-    kernels = {name: model.get_submodule(name) for name in names}
-    first = next(iter(kernels.values()))
-    options = {"bits": bits, "group_size": int(group_size), "zp": bool(getattr(first, "zp", True)),
-               "g_idx": bool(getattr(first, "g_idx", None) is not None and first.g_idx is not False),
-               "use_optimum_format": bool(first.use_optimum_format), "algorithm": config.algorithm}
+    options_by_group, kernels = {}, {}
+    for comp, (scheme, names) in groups.items():
+        bits = 4 if scheme == "int4_weight_only" else 8
+        group_size = config.group_size if config.group_size is not None else (32 if bits == 4 else -1)
+        gptq_done: set[str] = set()
+        if config.algorithm == "gptq":
+            gptq_done = _gptq(inc, model, names, bits, group_size, calibrate, notes)
+        for name in names:
+            if name in gptq_done:
+                continue
+            # RTN is layer-local: quantize each chosen layer on its own (exactly the chosen ones, nothing else)
+            parent, _, child = name.rpartition(".")
+            holder = nn.Sequential()
+            holder.add_module("layer", model.get_submodule(name))
+            holder = inc.convert(inc.prepare(holder, inc.RTNConfig(bits=bits, group_size=group_size, use_sym=True)))
+            setattr(model.get_submodule(parent) if parent else model, child, holder.layer)
+            notes["algorithm"][name] = "rtn"
+        group_kernels = {name: model.get_submodule(name) for name in names}
+        first = next(iter(group_kernels.values()))
+        options_by_group[comp] = {"bits": bits, "group_size": int(group_size), "zp": bool(getattr(first, "zp", True)),
+                                  "g_idx": False, "use_optimum_format": bool(first.use_optimum_format),
+                                  "algorithm": config.algorithm}
+        kernels |= group_kernels
     counts: dict[str, int] = {}
     for algo in notes.pop("algorithm").values():
         counts[algo] = counts.get(algo, 0) + 1
     notes["layers_by_algorithm"] = counts
-    return options, kernels, notes
+    return options_by_group, kernels, notes
 
 
 def _gptq(inc, model, names, bits, group_size, calibrate, notes) -> set[str]:

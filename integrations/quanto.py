@@ -29,29 +29,35 @@ def version() -> str:
     return v("optimum-quanto")
 
 
-def quantize_linears(model: nn.Module, names: list[str], scheme: str, config: Any, calibrate=None
-                     ) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, Any]]:
-    """Quantize the `nn.Linear` layers `names` of `model` in place with quanto.
+def quantize_linears(model: nn.Module, groups: dict[str, tuple[str, list[str]]], config: Any, calibrate=None
+                     ) -> tuple[dict[str, dict], dict[str, nn.Module], dict[str, Any]]:
+    """Quantize `nn.Linear` layers of `model` in place with quanto; `groups` maps a component to
+    `(scheme, layer names)`.
 
     `int8_static` calibrates activation scales by running `calibrate(model)` (batches of `data.train`) inside
-    `quanto.Calibration()`. Returns (options to record, `{name: frozen QLinear}`, notes).
+    `quanto.Calibration()`, once, after every group is quantized. Returns (options per component,
+    `{name: frozen QLinear}`, notes).
     """
     quanto = _quanto()
     from ..modeling.quantized import quanto_qtypes
 
-    dtype = model.get_submodule(names[0]).weight.dtype
-    weights, activations = quanto_qtypes(scheme)
-    for name in names:
-        # one layer at a time: quanto's `include` patterns are fnmatch globs, exact names are safer this way
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        quanto.quantize(holder, weights=weights, activations=activations, include=[child], exclude=None)
-    if activations is not None:
+    dtype = model.get_submodule(next(iter(groups.values()))[1][0]).weight.dtype
+    options, needs_calibration = {}, False
+    for comp, (scheme, names) in groups.items():
+        weights, activations = quanto_qtypes(scheme)
+        options[comp] = {"weights": str(weights), "activations": str(activations)}
+        needs_calibration |= activations is not None
+        for name in names:
+            # one layer at a time: quanto's `include` patterns are fnmatch globs, exact names are safer this way
+            parent, _, child = name.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            quanto.quantize(holder, weights=weights, activations=activations, include=[child], exclude=None)
+    if needs_calibration:
         if calibrate is None:
             raise ValueError("int8_static needs calibration data")
         with quanto.Calibration(momentum=0.9):
             calibrate(model)
-    kernels = {name: model.get_submodule(name) for name in names}
+    kernels = {name: model.get_submodule(name) for _, names in groups.values() for name in names}
     for layer in kernels.values():
         layer.freeze()
-    return {"weights": str(weights), "activations": str(activations)}, kernels, {"dtype": dtype}
+    return options, kernels, {"dtype": dtype}

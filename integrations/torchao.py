@@ -34,30 +34,43 @@ def version() -> str:
     return v("torchao")
 
 
-def quantize_linears(model: nn.Module, names: list[str], scheme: str, config: Any, calibrate=None
-                     ) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, Any]]:
-    """Quantize the `nn.Linear` layers `names` of `model` in place with torchao.
+def quantize_linears(model: nn.Module, groups: dict[str, tuple[str, list[str]]], config: Any, calibrate=None
+                     ) -> tuple[dict[str, dict], dict[str, nn.Module], dict[str, Any]]:
+    """Quantize `nn.Linear` layers of `model` in place with torchao; `groups` maps a component to
+    `(scheme, layer names)`.
 
     Returns:
-        (scheme options to record, `{name: quantized nn.Linear}`, notes: `dtype` and `skipped` layers with reasons)
+        (scheme options to record per component, `{name: quantized nn.Linear}`, notes: `dtype` and the `skipped`
+        layers with reasons)
     """
     _torchao()
     from torchao.quantization import quantize_
 
     from ..modeling.quantized import torchao_config
 
-    options: dict[str, Any] = {}
-    if scheme == "int4_weight_only":
-        options["group_size"] = config.group_size if config.group_size and config.group_size > 0 else 128
-    cfg = torchao_config(scheme, options)
-    wanted = set(names)
-    dtype = model.get_submodule(names[0]).weight.dtype
-    quantize_(model, cfg, filter_fn=lambda module, fqn: fqn in wanted and isinstance(module, nn.Linear))
+    options_by_group: dict[str, dict] = {}
     kernels, skipped = {}, {}
-    for name in names:
-        layer = model.get_submodule(name)
-        if hasattr(type(layer.weight), "__tensor_flatten__"):
-            kernels[name] = layer
-        else:  # torchao leaves layers whose input width is not a multiple of the group size in full precision
-            skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {options['group_size']}"
-    return options, kernels, {"dtype": dtype, "skipped": skipped}
+    dtype = model.get_submodule(next(iter(groups.values()))[1][0]).weight.dtype
+    for comp, (scheme, names) in groups.items():
+        options: dict[str, Any] = {}
+        if scheme == "int4_weight_only":
+            options["group_size"] = config.group_size if config.group_size and config.group_size > 0 else 128
+        options_by_group[comp] = options
+        wanted = set(names)
+        if scheme == "int4_weight_only":
+            for name in names:
+                layer = model.get_submodule(name)
+                # the CPU int4 kernel packs 16 output rows at a time and groups whole input blocks
+                if layer.out_features % 16 or layer.in_features % options["group_size"]:
+                    skipped[name] = (f"[{layer.out_features}, {layer.in_features}] weight: the CPU int4 layout needs "
+                                     f"out_features % 16 == 0 and in_features % {options['group_size']} == 0")
+                    wanted.discard(name)
+        quantize_(model, torchao_config(scheme, options),
+                  filter_fn=lambda module, fqn: fqn in wanted and isinstance(module, nn.Linear))
+        for name in wanted:
+            layer = model.get_submodule(name)
+            if hasattr(type(layer.weight), "__tensor_flatten__"):
+                kernels[name] = layer
+            else:
+                skipped[name] = "torchao left it unquantized"
+    return options_by_group, kernels, {"dtype": dtype, "skipped": skipped}

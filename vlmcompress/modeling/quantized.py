@@ -24,6 +24,7 @@ at the end of `apply` and the reloaded one compute identically.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -89,11 +90,27 @@ def _rebuild_tensor(template: torch.Tensor, prefix: str, tensors: dict[str, torc
     return tensors[prefix]
 
 
+def _rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
+    """Methods bound to `old` (also inside hook dicts, e.g. quanto's activation-quantizing hooks) → bound to `new`;
+    dicts are copied so that hooks added to one module later do not leak into the other."""
+    if getattr(value, "__self__", None) is old and hasattr(value, "__func__"):
+        return value.__func__.__get__(new)
+    if isinstance(value, dict):
+        copied = type(value)() if type(value) is not dict else {}
+        for k, v in value.items():
+            copied[k] = _rebind(v, old, new)
+        return copied
+    if isinstance(value, set):
+        return set(value)
+    return value
+
+
 def instantiate(template: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of the quantized kernel module `template` whose parameters and buffers are rebuilt around `tensors`
     (same structure as `flatten_module(template)`); nothing is copied, the new module aliases `tensors`."""
     module = type(template).__new__(type(template))
-    module.__dict__.update(template.__dict__)  # a shallow copy; its tensors are replaced below
+    for key, value in template.__dict__.items():  # a shallow copy; its tensors are replaced below
+        module.__dict__[key] = _rebind(value, template, module)
     module._parameters = {}
     module._buffers = {}
     module._non_persistent_buffers_set = set(template._non_persistent_buffers_set)
@@ -361,6 +378,14 @@ def _require(backend: str) -> None:
         elif backend == "quanto":
             import optimum.quanto  # noqa: F401
         elif backend == "neural_compressor":
-            import neural_compressor.torch  # noqa: F401
+            saved = os.environ.get("LOGLEVEL")
+            os.environ["LOGLEVEL"] = "ERROR"  # INC's logger reads its level from $LOGLEVEL when first imported
+            try:
+                import neural_compressor.torch  # noqa: F401
+            finally:
+                if saved is None:
+                    os.environ.pop("LOGLEVEL", None)
+                else:
+                    os.environ["LOGLEVEL"] = saved
     except ImportError:
         raise missing_backend(backend) from None

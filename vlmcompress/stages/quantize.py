@@ -247,18 +247,17 @@ def quantize_with_library(backend: str) -> BackendFn:
         integration = importlib.import_module(f"vlmcompress.integrations.{MODULES[backend]}")
         plan, schemes, spec = _start(ctx, config)
         calibrate = calibration_batches(ctx, config) if QuantizeStage(config).needs_data() else None
-        extra: dict[str, Any] = {}
-        for comp, scheme in schemes.items():
-            names = [n for n, c in plan.items() if c == comp]
-            if not names:
-                continue
-            options, kernels, notes = integration.quantize_linears(ctx.model, names, scheme, config, calibrate)
-            spec["schemes"][comp] = scheme_entry(backend, scheme, options)
-            for name, kernel in kernels.items():
-                install(ctx.model, spec, name, comp, qmod.flatten_module(kernel), kernel.in_features,
-                        kernel.out_features, notes["dtype"])
-            if notes.get("skipped"):
-                extra.setdefault("skipped", {}).update(notes["skipped"])
+        groups = {comp: (scheme, [n for n, c in plan.items() if c == comp]) for comp, scheme in schemes.items()}
+        groups = {comp: g for comp, g in groups.items() if g[1]}
+        # every group is quantized (and calibrated) before any layer is moved into the checkpoint format, so that
+        # calibration passes never touch layers that were already recorded
+        options, kernels, notes = integration.quantize_linears(ctx.model, groups, config, calibrate)
+        for comp, (scheme, _) in groups.items():
+            spec["schemes"][comp] = scheme_entry(backend, scheme, options[comp])
+        for name, kernel in kernels.items():
+            install(ctx.model, spec, name, plan[name], qmod.flatten_module(kernel), kernel.in_features,
+                    kernel.out_features, notes["dtype"])
+        extra = {k: v for k, v in notes.items() if k != "dtype" and v}
         extra["library_version"] = integration.version()
         return _finish(ctx, config, spec, schemes, extra)
 
