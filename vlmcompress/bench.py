@@ -16,6 +16,12 @@ What is timed is fixed per family (`WORKLOADS`) and printed in `result["what"]`:
   size; `decode` = 16 greedy steps with the KV cache of that prefill, timed directly (one forward per token on the
   cache, argmax fed back; the cache is cropped back to the prompt before every run), batch 1 only.
 
+An ONNX export (the `onnx/` folder of the quantize stage's `onnxruntime` backend) is measured by the same code:
+its graphs run in ONNX Runtime behind `get_image_features` / `get_text_features`, and every model of the run times
+the workloads the export holds (`EXPORT_WORKLOADS`: dual encoders as above; LLaVA: `image` =
+`get_image_features(pixel_values)`, vision tower + projector), so `bench out --against out/onnx` compares PyTorch
+and ONNX Runtime on the same calls.
+
 Measurements per model and workload: GFLOPs per sample (`torch.utils.flop_counter.FlopCounterMode` at batch 1,
 with the CPU flash-attention kernel counted, which the stock counter leaves out); ms per batch (min and median) and
 samples/s with `torch.utils.benchmark.Timer` after two warm-up calls; models interleaved with the order rotated every
@@ -30,9 +36,10 @@ JSON layout (`benchmark()`'s return value, `vlmcompress bench --json`); keys are
                  the CPU when it nears cpu_count), "platform", "python", "torch", "transformers", "vlmcompress",
                  "date"},
      "what": {"workloads": {workload: description}, "timing", "flops", "memory", "tokens_per_layer", "params",
-              "size_on_disk", "ratios"},
+              "size_on_disk", "ratios", with an ONNX export: "onnxruntime"},
      "models": {name: {"source", "role" ("model" | "against"), "family", "class", "dtype",
-                       "parameters", "size_on_disk_bytes" (null unless a local folder with *.safetensors),
+                       "parameters", "size_on_disk_bytes" (null unless a local folder with *.safetensors;
+                       ONNX exports: the *.onnx files), ONNX exports only: "runtime" (ONNX Runtime settings),
                        "tokens_per_layer": [tokens entering layer 0, tokens after layer 0, ..., after the last layer],
                        "workloads": {workload: {"gflops_per_sample",
                                                 "batch_sizes": {"1": {"ms_min", "ms_median", "ms_all",
@@ -100,7 +107,7 @@ class Workload:
 
 def _pixels(model, adapter, batch_size, device) -> torch.Tensor:
     pixels = adapter.example_inputs(model, batch_size=batch_size, seed=0)["pixel_values"]
-    return pixels.to(device=device, dtype=next(model.parameters()).dtype)
+    return pixels.to(device=device, dtype=model.dtype)
 
 
 def _text_ids(model, batch_size: int, length: int, device, low: int = 4) -> torch.Tensor:
@@ -138,6 +145,11 @@ def _text_features(model, adapter, batch_size, device):
     if "attention_mask" in adapter.example_inputs(model, batch_size=1):  # SigLIP is used without a mask
         kwargs["attention_mask"] = torch.ones_like(ids)
     return _inference(lambda: model.get_text_features(**kwargs))
+
+
+def _llava_image(model, adapter, batch_size, device):
+    pixels = _pixels(model, adapter, batch_size, device)
+    return _inference(lambda: model.get_image_features(pixel_values=pixels))
 
 
 def _blip_image(model, adapter, batch_size, device):
@@ -259,6 +271,20 @@ WORKLOADS: dict[str, list[Workload]] = {
     "blip2": _generator("blip2"),
     "llava": _generator("llava"),
 }
+
+# what an ONNX export (`vlmcompress.integrations.onnx`) holds, per family; a PyTorch model measured against one runs
+# the same calls
+EXPORT_WORKLOADS: dict[str, list[Workload]] = {
+    "clip": WORKLOADS["clip"],
+    "siglip": WORKLOADS["siglip"],
+    "llava": [Workload("image", "get_image_features(pixel_values): vision tower + projector, the image features "
+                                "handed to the language model", _llava_image, vision=True)],
+}
+
+
+def is_export(model: Any) -> bool:
+    """Whether `model` is an ONNX Runtime export (`OnnxModel`) rather than a PyTorch model."""
+    return bool(getattr(model, "vlmc_onnx", False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -575,6 +601,10 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
                 f"--against '{against}' is a {families[1]} model but '{model_or_dir}' is a {families[0]} model; "
                 "compare two models of the same family")
         workloads = WORKLOADS[families[0]]
+        if any(is_export(e["model"]) for e in entries):
+            if device.type != "cpu":
+                raise VlmCompressError("ONNX exports run on CPU with ONNX Runtime here; use --device cpu")
+            workloads = EXPORT_WORKLOADS[families[0]]
         cells = [(w, bs) for w in workloads for bs in (sizes if w.batched else [1])]
         bar.set_total(len(sources) + len(workloads) * len(entries) + len(cells) * (repeats + 2 * len(entries)))
 
@@ -599,7 +629,13 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
                 results[name]["workloads"][w.key]["batch_sizes"][str(bs)] = _timing(
                     times[name], calls, bs, w, peak_memory_mb(fn, device))
     names = list(loaded)
-    return {"machine": machine, "what": _what(workloads, repeats, device),
+    what = _what(workloads, repeats, device)
+    if any(is_export(e["model"]) for e in entries):
+        what["onnxruntime"] = ("ONNX exports: ONNX Runtime sessions on the CPU execution provider (threads in each "
+                               "model's `runtime`), timed by the same Timer loop; GFLOPs and tokens per layer are "
+                               "those of the PyTorch model at export (onnx/config.json), parameters are the elements "
+                               "of the graphs' initializers, size on disk is the *.onnx files")
+    return {"machine": machine, "what": what,
             "models": results,
             "ratios": _ratios(names[0], names[1], results) if len(names) == 2 else None}
 
@@ -607,6 +643,11 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
 def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: _Progress) -> dict[str, Any]:
     """Everything measured once per model: parameters, size, tokens per layer, GFLOPs per sample."""
     model, adapter = entry["model"], entry["adapter"]
+    if is_export(model):
+        info = model.bench_static()
+        gflops = info.pop("gflops")
+        return {"source": entry["source"], "role": entry["role"], "family": adapter.family, **info,
+                "workloads": {w.key: {"gflops_per_sample": gflops[w.key], "batch_sizes": {}} for w in workloads}}
     out = {"source": entry["source"], "role": entry["role"], "family": adapter.family, "class": type(model).__name__,
            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
            "parameters": sum(p.numel() for p in model.parameters()),
@@ -680,10 +721,10 @@ def quick_speed(model: nn.Module, adapter: ModelAdapter, batch_size: int = 8, re
     these measurements cannot be interleaved: compare them as a guide, and use `vlmcompress bench --against` for
     numbers to publish.
     """
-    device = next(model.parameters()).device
+    device = model.device
     workload = WORKLOADS[adapter.family][0]
     fn = workload.build(model, adapter, batch_size, device)
-    gflops = count_gflops(fn) / batch_size
+    gflops = model.bench_static()["gflops"][workload.key] if is_export(model) else count_gflops(fn) / batch_size
     calls = _calls_per_measurement(fn, device)
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     ms = [timer.timeit(calls).mean * 1e3 for _ in range(repeats)]

@@ -98,8 +98,12 @@ def compression_record(model: nn.Module) -> dict[str, Any]:
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | None = None,
-                    report: dict | None = None, processor: Any = None, card: str | None = None) -> None:
-    """Write a compressed model (see `to_compressed`) and everything beside it into `folder` (must not exist)."""
+                    report: dict | None = None, processor: Any = None, card: str | None = None,
+                    artifacts: dict[str, Path] | None = None) -> None:
+    """Write a compressed model (see `to_compressed`) and everything beside it into `folder` (must not exist).
+
+    `artifacts` maps a name inside `folder` to a file or folder that a stage wrote (e.g. `onnx/`); they are copied.
+    """
     folder = Path(folder)
     model.save_pretrained(folder, max_shard_size="2GB")
     for name in MODELING_FILES:
@@ -112,6 +116,12 @@ def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | 
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if card is not None:
         (folder / "README.md").write_text(card)
+    for name, source in (artifacts or {}).items():
+        source = Path(source)
+        if source.is_dir():
+            shutil.copytree(source, folder / name)
+        else:
+            shutil.copyfile(source, folder / name)
 
 
 def register_classes() -> None:

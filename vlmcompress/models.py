@@ -1,6 +1,7 @@
 """Resolve a recipe's `model:` into a model (and its processor).
 
-Order: an existing local `save_pretrained` folder, then a built-in name (`tiny-clip`, ...), then a Hub id. Remote
+Order: an existing local folder (an ONNX export written by the quantize stage's `onnxruntime` backend, which runs
+with ONNX Runtime, or a `save_pretrained` folder), then a built-in name (`tiny-clip`, ...), then a Hub id. Remote
 code of the *source* model runs only when the recipe sets `trust_remote_code: true`.
 """
 
@@ -31,6 +32,8 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load `name` as `(model, processor or None)`; `meta=True` builds it on the meta device without weights."""
     path = Path(name)
+    if path.is_dir() and _is_onnx_folder(path):
+        return _load_onnx(path, meta)
     if path.is_dir():
         return _load_folder(str(path), dtype, trust_remote_code, meta)
     from .zoo import ZOO, zoo_folder
@@ -50,6 +53,22 @@ def load_model(
             f"built-ins: {', '.join(builtin_names())}; or give a Hub id like 'openai/clip-vit-base-patch32'"
         )
     return _load_folder(name, dtype, trust_remote_code, meta)  # a Hub id
+
+
+def _is_onnx_folder(path: Path) -> bool:
+    from .integrations.onnx import is_onnx_folder  # reads config.json only; onnxruntime is imported on loading
+
+    return is_onnx_folder(path)
+
+
+def _load_onnx(path: Path, meta: bool) -> tuple[nn.Module, Any]:
+    """An `onnx/` folder written by the quantize stage's onnxruntime backend, run with ONNX Runtime."""
+    if meta:
+        raise ModelLoadError(f"'{path}' holds ONNX graphs, not a PyTorch model; inspect or validate with the "
+                             f"checkpoint folder next to it ('{path.parent}')")
+    from .integrations.onnx import load_onnx
+
+    return load_onnx(path), _load_processor(str(path))
 
 
 class _nullcontext:

@@ -21,7 +21,7 @@ from .accuracy import check_guards, eval_rows, measure
 from .adapters import adapter_for
 from .bench import quick_speed
 from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
-from .errors import OutputError, StageOrderError
+from .errors import ModelLoadError, OutputError, StageOrderError
 from .model_card import model_card
 from .models import load_model
 from .recipe import Recipe, load_recipe
@@ -159,6 +159,9 @@ def apply(
     torch.manual_seed(recipe.seed)
     if model is None:
         model, loaded_processor = load_model(recipe.model, recipe.dtype, recipe.trust_remote_code)
+        if getattr(model, "vlmc_onnx", False):
+            raise ModelLoadError(f"model '{recipe.model}' is an ONNX export, which cannot be compressed further; "
+                                 "use the checkpoint folder it was exported from (its parent folder)")
         processor = processor if processor is not None else loaded_processor
     adapter = adapter_for(model)
     for stage in stages:
@@ -182,6 +185,7 @@ def apply(
             meta = json.loads((folder / STAGE_META).read_text())
             params_before = meta["params_before_recipe"]
             ctx.reports = [StageReport(**r) for r in meta["reports"]]
+            ctx.artifacts = {name: folder / name for name in meta.get("artifacts", [])}
     elif save and work.exists():
         shutil.rmtree(work)  # a fresh run never reuses stale stage results
 
@@ -202,11 +206,12 @@ def apply(
             # measure the model as it is saved: its compressed class (a token-reduced LLaVA shrinks the processor's
             # image placeholders to the tokens its vision tower now hands on)
             to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
-            accuracy_out = measure(ctx.model, processor, adapter.family, rows)
+            measured = ctx.model if ctx.deployed is None else ctx.deployed  # e.g. the exported ONNX graphs
+            accuracy_out = measure(measured, processor, adapter.family, rows)
             if accuracy_out is not None:
                 report.details["accuracy"] = {"before": accuracy_in, "after": accuracy_out}
             if speed_before is not None:
-                speed_in, speed_out = speed_out, quick_speed(ctx.model, adapter)
+                speed_in, speed_out = speed_out, quick_speed(measured, adapter)
                 report.details["speed"] = {"before": speed_in, "after": speed_out}
             ctx.reports.append(report)
             if save:
@@ -228,7 +233,7 @@ def apply(
             bar.describe("writing the checkpoint")
             _atomic_write_dir(out, lambda tmp: save_checkpoint(
                 model, tmp, recipe_yaml=recipe.to_yaml(), report=report, processor=processor,
-                card=model_card(recipe, report, model)))
+                card=model_card(recipe, report, model), artifacts=ctx.artifacts))
             shutil.rmtree(work, ignore_errors=True)
     model.vlmcompress_report = report
     return model
@@ -239,10 +244,11 @@ def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_
     work.mkdir(parents=True, exist_ok=True)
     model = to_compressed(ctx.model, ctx.compression, ctx.adapter, recipe.model)
     meta = {"stage": index + 1, "method": recipe.stages[index].method, "prefix_hash": recipe.prefix_hash(index + 1),
-            "params_before_recipe": params_before, "reports": [r.to_dict() for r in ctx.reports]}
+            "params_before_recipe": params_before, "reports": [r.to_dict() for r in ctx.reports],
+            "artifacts": sorted(ctx.artifacts)}
 
     def write(tmp: Path) -> None:
-        save_checkpoint(model, tmp)
+        save_checkpoint(model, tmp, artifacts=ctx.artifacts)
         (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
 
     _atomic_write_dir(target, write)

@@ -18,6 +18,9 @@ BUILTIN_TINY = {a.builtin_name: a for a in ADAPTERS}
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter whose stock class is `model`'s class or one of its bases (compressed classes subclass them)."""
+    family = getattr(model, "vlmc_family", None)  # models that are not torch modules of a family (ONNX Runtime)
+    if family is not None:
+        return next(a for a in ADAPTERS if a.family == family)
     names = [cls.__name__ for cls in type(model).__mro__]
     for adapter in ADAPTERS:
         if any(name in adapter.stock_classes for name in names):

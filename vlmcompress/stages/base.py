@@ -65,6 +65,11 @@ class RunContext:
     reports: list[StageReport] = field(default_factory=list)
     progress: Any = None  # a callable(description: str) supplied by the orchestrator's progress display
     processor: Any = None  # the source model's processor (tokenizer + image processor), when it has one
+    # files a stage wrote beside the checkpoint: name inside the output folder → file or folder to copy there
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    # what users run instead of `model` when a stage produced it (the ONNX Runtime graphs of the onnxruntime
+    # backend): accuracy and speed after that stage are measured on it; None: on `model`
+    deployed: Any = None
 
 
 class Stage:

@@ -1,0 +1,318 @@
+"""The quantize stage's `onnxruntime` backend: ONNX export of the encoders (with ToMe), ONNX Runtime dynamic int8,
+and `eval` / `bench` on the exported folder.
+
+Bounds: an fp32 graph reproduces torch to atol 1e-4; an int8 graph stays within cosine 0.98 of torch per output row
+on the tiny random-init models (whose activations are small, so relative int8 noise is large) and loses at most one
+point of recall@1 on the trained shapes-clip-small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+
+import vlmcompress  # noqa: E402
+from vlmcompress.adapters import BUILTIN_TINY  # noqa: E402
+from vlmcompress.bench import benchmark  # noqa: E402
+from vlmcompress.cli import app  # noqa: E402
+from vlmcompress.errors import ModelLoadError, VlmCompressError  # noqa: E402
+from vlmcompress.evaluate import evaluate_dual_encoder, shapes_eval_rows  # noqa: E402
+from vlmcompress.integrations import onnx as vx  # noqa: E402
+from vlmcompress.models import load_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+runner = CliRunner()
+ATOL = 1e-4
+INT8_MIN_COSINE = 0.98
+TOME = [{"method": "token_reduce", "r": 8}]
+
+
+def _reduced(name: str, stages=TOME) -> torch.nn.Module:
+    return vlmcompress.apply({"model": name, "output": "unused", "stages": stages}, save=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def clip_tome(tmp_path_factory):
+    """tiny-clip with ToMe r=8 exported (int8, fp32 graphs kept) without going through a recipe."""
+    model = _reduced("tiny-clip")
+    folder = tmp_path_factory.mktemp("clip") / "onnx"
+    return model, vx.export(model, BUILTIN_TINY["tiny-clip"], folder, keep_fp32=True)
+
+
+@pytest.fixture(scope="module")
+def llava_tome(tmp_path_factory):
+    name = "tiny-llava"
+    model = _reduced(name)
+    folder = tmp_path_factory.mktemp("llava") / "onnx"
+    return model, vx.export(model, BUILTIN_TINY[name], folder, keep_fp32=True,
+                            processor=BUILTIN_TINY[name].tiny_processor())
+
+
+@pytest.fixture(scope="module")
+def shapes_out(tmp_path_factory):
+    """shapes-clip-small through `apply` with `quantize: {backend: onnxruntime}` (int8, no token reduction)."""
+    out = tmp_path_factory.mktemp("shapes") / "out"
+    model = vlmcompress.apply({"model": "shapes-clip-small", "output": str(out),
+                               "stages": [{"method": "quantize", "backend": "onnxruntime", "scheme": "int8"}]},
+                              progress=False)
+    return out, model
+
+
+def _inputs(graph: vx.Graph, batch: int, seed: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Random inputs for `graph` at another batch size (and text length) than the export's."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for name, example in graph.example.items():
+        if example.dtype.is_floating_point:
+            inputs[name] = torch.randn(batch, *example.shape[1:], generator=g)
+    if "input_ids" in graph.example:
+        ids = torch.randint(4, 90, (batch, length), generator=g)
+        ids[:, 0], ids[:, -1] = 1, 3  # BOS, EOS of the tiny text config
+        mask = torch.ones_like(ids)
+        mask[0, length // 2:] = 0  # one padded row
+        inputs |= {"input_ids": ids, "attention_mask": mask}
+    return inputs
+
+
+def _run(path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.from_numpy(vx.session(path).run(None, {k: v.numpy() for k, v in inputs.items()})[0])
+
+
+def _check_graphs(model, result, adapter):
+    """Every graph: the fp32 file matches torch at batch 1 and 3 (export used 2; text lengths 5 and 11 against
+    8); the int8 file is close and holds int8 weights."""
+    for graph in vx.graphs_for(model, adapter):
+        entry = result.config["graphs"][graph.name]
+        for batch, length in ((1, 5), (3, 11)):
+            inputs = _inputs(graph, batch, seed=batch, length=length)
+            with torch.no_grad():
+                ref = graph.module(**inputs)
+            fp32 = _run(result.folder / f"{graph.name}.fp32.onnx", inputs)
+            assert fp32.shape == ref.shape and fp32.shape[0] == batch
+            torch.testing.assert_close(fp32, ref, atol=ATOL, rtol=0)
+            int8 = _run(result.folder / entry["file"], inputs)
+            assert int8.shape == ref.shape
+            cosine = torch.nn.functional.cosine_similarity(int8.flatten(1), ref.flatten(1), dim=-1)
+            assert cosine.min() > INT8_MIN_COSINE, (graph.name, cosine)
+            assert (int8 - ref).abs().max() > 0  # it really is a different (quantized) computation
+        _check_int8_file(result.folder / entry["file"], result.folder / f"{graph.name}.fp32.onnx", entry)
+
+
+def _check_int8_file(int8_path, fp32_path, entry):
+    """The int8 graph stores int8 weights for exactly the quantized linear layers and computes with integer ops."""
+    model = onnx.load(str(int8_path))
+    ops = {n.op_type for n in model.graph.node}
+    assert "DynamicQuantizeLinear" in ops and ops & {"MatMulInteger", "MatMulIntegerToFloat"}
+    weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(weights) == len(entry["quantized_modules"]) > 0  # one int8 weight matrix per quantized nn.Linear
+    assert vx.initializer_types(int8_path)["int8"] == entry["initializers"]["int8"]
+    # their float32 weights are gone (per-channel scales are all that is left of them)
+    int8_elements = sum(w.dims[0] * w.dims[1] for w in weights)
+    floats_removed = vx.initializer_types(fp32_path)["float32"] - vx.initializer_types(int8_path)["float32"]
+    assert 0.9 * int8_elements <= floats_removed <= int8_elements
+    assert int8_path.stat().st_size < fp32_path.stat().st_size
+
+
+def test_clip_with_tome_image_and_text_graphs(clip_tome):
+    model, result = clip_tome
+    assert set(result.config["graphs"]) == {"image_encoder", "text_encoder"}
+    _check_graphs(model, result, BUILTIN_TINY["tiny-clip"])
+    image = result.config["graphs"]["image_encoder"]
+    assert image["tokens_per_layer"] == [65, 57, 49]  # ToMe r=8 in both layers, exported as such
+    assert image["inputs"]["pixel_values"]["shape"] == ["batch", 3, 32, 32]
+    assert result.config["graphs"]["text_encoder"]["inputs"]["input_ids"]["shape"] == ["batch", "sequence"]
+    # every nn.Linear of the vision tower is quantized in the image graph; the projection (a Gemm on [B, D]) is not
+    linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert set(image["quantized_modules"]) == {n for n in linears if n.startswith("vision_model.")}
+
+
+def test_llava_vision_tower_and_projector_with_tome(llava_tome):
+    model, result = llava_tome
+    assert set(result.config["graphs"]) == {"image_encoder"}
+    _check_graphs(model, result, BUILTIN_TINY["tiny-llava"])
+    entry = result.config["graphs"]["image_encoder"]
+    # vision_feature_layer -2: the features after layer 1 of 2 (57 tokens), CLS dropped → 56 image tokens
+    assert entry["tokens_per_layer"] == [65, 57, 49]
+    assert entry["outputs"]["image_features"]["shape"] == ["batch", 56, model.config.text_config.hidden_size]
+    assert {m.split(".")[1] for m in entry["quantized_modules"]} == {"vision_tower", "multi_modal_projector"}
+    # the graph computes what the language model receives from the stock path
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stock = torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output))
+    torch.testing.assert_close(_run(result.folder / "image_encoder.fp32.onnx", {"pixel_values": pixels}), stock,
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("stages", [TOME, pytest.param([], marks=pytest.mark.slow)], ids=["tome", "plain"])
+def test_siglip_image_graph(tmp_path, stages):
+    """SigLIP (no CLS token, attention-pooling head), with ToMe merging every patch and without."""
+    adapter = BUILTIN_TINY["tiny-siglip"]
+    model = _reduced("tiny-siglip", stages) if stages else adapter.tiny_model()
+    graph = next(g for g in vx.graphs_for(model, adapter) if g.name == "image_encoder")
+    vx.export_graph(graph, tmp_path / "image.onnx")
+    for batch in (1, 3):
+        inputs = _inputs(graph, batch, seed=batch)
+        with torch.no_grad():
+            ref = graph.module(**inputs)
+        torch.testing.assert_close(_run(tmp_path / "image.onnx", inputs), ref, atol=ATOL, rtol=0)
+    assert vx.check_exportable(model, adapter) == ([64, 56, 48] if stages else [64, 64, 64])
+
+
+def test_ignore_and_overrides_keep_layers_fp32(clip_tome, tmp_path):
+    model, result = clip_tome
+    adapter = BUILTIN_TINY["tiny-clip"]
+    graph = next(g for g in vx.graphs_for(model, adapter) if g.name == "image_encoder")
+    fp32 = result.folder / "image_encoder.fp32.onnx"
+    nodes = vx.linear_nodes(fp32)
+    assert len(nodes) == len(result.config["graphs"]["image_encoder"]["quantized_modules"])
+    kept = vx._quantized_modules(graph, nodes, "int8_dynamic", None, {}, ["re:.*mlp\\.fc2",
+                                                                          "vision_model.encoder.layers.0"], adapter)
+    assert kept and not any(m.endswith("mlp.fc2") or m.startswith("vision_model.encoder.layers.0.")
+                            for m in kept.values())
+    vx.quantize_graph(fp32, tmp_path / "partial.onnx", sorted(kept))
+    int8 = [i for i in onnx.load(str(tmp_path / "partial.onnx")).graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8) == len(kept) < len(nodes)
+    # a component switched off keeps its graph in fp32
+    assert vx._graph_scheme(graph, "int8_dynamic", ["text"], {}) == "fp32"
+    assert vx._graph_scheme(graph, "int8_dynamic", None, {"vision": "none"}) == "fp32"
+    assert vx._graph_scheme(graph, "int8_dynamic", None, {"text": "none"}) == "int8_dynamic"
+
+
+def test_stage_writes_fp32_checkpoint_and_onnx_folder(shapes_out):
+    out, model = shapes_out
+    spec = json.loads((out / "onnx" / "config.json").read_text())
+    assert spec[vx.MARKER] == vx.FORMAT_VERSION and spec["family"] == "clip" and spec["scheme"] == "int8_dynamic"
+    for name in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "processor_config.json"):
+        assert (out / "onnx" / name).is_file(), name
+    assert vx.is_onnx_folder(out / "onnx") and not vx.is_onnx_folder(out)
+    # the PyTorch checkpoint is untouched fp32 and reloads as usual
+    teacher, _ = load_model("shapes-clip-small")
+    loaded = vlmcompress.load(out)
+    inputs = BUILTIN_TINY["tiny-clip"].example_inputs(teacher, batch_size=2)
+    with torch.no_grad():
+        for a, b in zip(teacher(**inputs)[:4], loaded(**inputs)[:4]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    report = json.loads((out / "report.json").read_text())
+    details = report["stages"][0]["details"]
+    assert details["backend"] == "onnxruntime" and details["resolved_scheme"] == "int8_dynamic"
+    assert report["stages"][0]["matched"] == sorted(set(spec["graphs"]["image_encoder"]["quantized_modules"] +
+                                                        spec["graphs"]["text_encoder"]["quantized_modules"]))
+
+
+def test_eval_on_exported_folder_matches_torch(shapes_out):
+    out, _ = shapes_out
+    torch_model, processor = load_model(str(out))
+    onnx_model, onnx_processor = load_model(str(out / "onnx"))
+    assert isinstance(onnx_model, vx.OnnxModel) and onnx_processor is not None
+    ref = evaluate_dual_encoder(torch_model, processor, shapes_eval_rows(torch_model, 1000))
+    assert ref["i2t_R@1"] > 5 * ref["chance_R@1"]  # a trained model: the comparison is not between two chance levels
+    result = runner.invoke(app, ["eval", str(out / "onnx"), "--size", "1000", "--json"])  # the same 1,000 rows
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output[result.output.index("{"):])
+    assert got["folds"] == ref["folds"] == 1
+    for key in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5"):
+        assert abs(got[key] - ref[key]) <= 0.01, (key, got[key], ref[key])
+    # zero-shot is scored on the ~200 single-object images only: 0.04 is 8 of them
+    assert got["zero_shot_n"] == ref["zero_shot_n"] and abs(got["zero_shot_shape"] - ref["zero_shot_shape"]) <= 0.04
+
+
+def test_bench_onnx_against_torch(shapes_out):
+    out, _ = shapes_out
+    result = benchmark(str(out), against=str(out / "onnx"), batch_sizes=(1, 2), repeats=1, threads=1,
+                       progress=False)
+    torch_side, onnx_side = result["models"][str(out)], result["models"][str(out / "onnx")]
+    assert set(onnx_side["workloads"]) == set(torch_side["workloads"]) == {"image", "text"}
+    assert "intra_op_num_threads=1" in onnx_side["runtime"] and "onnxruntime" in result["what"]
+    assert onnx_side["size_on_disk_bytes"] == sum(f.stat().st_size for f in (out / "onnx").glob("*.onnx"))
+    assert onnx_side["size_on_disk_bytes"] < torch_side["size_on_disk_bytes"]  # int8 weights
+    for key in ("image", "text"):
+        assert onnx_side["workloads"][key]["gflops_per_sample"] == pytest.approx(
+            torch_side["workloads"][key]["gflops_per_sample"], rel=1e-3)
+        t = onnx_side["workloads"][key]["batch_sizes"]["2"]
+        assert t["ms_median"] > 0 and result["ratios"]["workloads"][key]["batch_sizes"]["2"]["speedup_median"] == \
+            pytest.approx(torch_side["workloads"][key]["batch_sizes"]["2"]["ms_median"] / t["ms_median"], rel=1e-3)
+
+
+def test_bench_and_eval_of_llava_export(llava_tome):
+    _, result = llava_tome
+    out = benchmark("tiny-llava", against=str(result.folder), batch_sizes=(2,), repeats=1, threads=1,
+                    progress=False)
+    assert set(out["what"]["workloads"]) == {"image"}  # the part the export holds, timed on both
+    assert out["models"][str(result.folder)]["tokens_per_layer"] == [65, 57, 49]
+    assert out["models"]["tiny-llava"]["tokens_per_layer"] == [65, 65, 65]
+    cli = runner.invoke(app, ["eval", str(result.folder), "--size", "10"])
+    assert cli.exit_code == 1 and "holds only the image encoder" in cli.output
+
+
+def test_onnx_folder_is_not_a_recipe_model(shapes_out, tmp_path):
+    out, _ = shapes_out
+    with pytest.raises(ModelLoadError, match="ONNX export, which cannot be compressed further"):
+        vlmcompress.apply({"model": str(out / "onnx"), "output": str(tmp_path / "x"), "stages": TOME},
+                          progress=False)
+    with pytest.raises(ModelLoadError, match="holds ONNX graphs"):
+        load_model(str(out / "onnx"), meta=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refusing what cannot be exported correctly
+
+
+def test_unknown_or_data_dependent_token_reduction_is_refused():
+    adapter = BUILTIN_TINY["tiny-clip"]
+    model = _reduced("tiny-clip")
+    spec = model.config.token_reduction
+    assert vx.check_exportable(model, adapter) == [65, 57, 49]
+    model.config.token_reduction = spec | {"algorithm": "threshold_drop"}  # not declared fixed-schedule
+    with pytest.raises(vx.OnnxExportError, match="chooses how many tokens to keep from the data"):
+        vx.check_exportable(model, adapter)
+    model.config.token_reduction = spec | {"towers": [spec["towers"][0] | {"data_dependent": True}]}
+    with pytest.raises(vx.OnnxExportError, match="fixed-schedule token reduction only"):
+        vx.check_exportable(model, adapter)
+    model.config.token_reduction = spec | {"towers": [spec["towers"][0] | {"component": "text"}]}
+    with pytest.raises(vx.OnnxExportError, match="depends on the text length"):
+        vx.check_exportable(model, adapter)
+
+
+def test_token_counts_that_depend_on_the_image_are_refused(tmp_path):
+    """A layer that keeps the tokens whose first channel is positive: the count varies with the image, which a
+    traced graph would freeze. The measured counts expose it whatever the algorithm claims."""
+    adapter = BUILTIN_TINY["tiny-clip"]
+    model = adapter.tiny_model()
+    layer = model.vision_model.encoder.layers[0]
+    stock_forward = layer.forward
+
+    def dropping_forward(hidden_states, *args, **kwargs):
+        out = stock_forward(hidden_states, *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        keep = out[0, :, 0] > 0
+        keep[0] = True  # CLS
+        return out[:, keep]
+
+    layer.forward = dropping_forward
+    with pytest.raises(vx.OnnxExportError, match="token counts depend on the input"):
+        vx.check_exportable(model, adapter)
+    with pytest.raises(vx.OnnxExportError, match="token counts depend on the input"):
+        vx.export(model, adapter, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()  # nothing written
+
+
+def test_unsupported_family_and_llava_llm_are_clear_errors(tmp_path):
+    with pytest.raises(VlmCompressError, match="exports clip, siglip, llava models"):
+        vx.graphs_for(BUILTIN_TINY["tiny-blip"].tiny_model(), BUILTIN_TINY["tiny-blip"])
+    recipe = {"model": "tiny-llava", "output": str(tmp_path / "out"),
+              "stages": [{"method": "quantize", "backend": "onnxruntime", "components": ["vision", "llm"]}]}
+    with pytest.raises(VlmCompressError, match="vision tower and projector only"):
+        vlmcompress.apply(recipe, progress=False)
+    with pytest.raises(VlmCompressError, match="scheme"):
+        vlmcompress.apply({**recipe, "stages": [{"method": "quantize", "backend": "onnxruntime",
+                                                 "scheme": "int4_weight_only"}]}, progress=False)
