@@ -129,6 +129,9 @@ def _fastv_block(cfg, model, adapter) -> dict[str, Any]:
     layers_path = _llm_layers_path(adapter)
     depth = len(model.get_submodule(layers_path))
     k = 2 if cfg.layer is None else cfg.layer
+    if depth < 2:
+        raise VlmCompressError(f"token_reduce: FastV needs a language model with at least 2 decoder layers (it keeps "
+                               f"the first K and prunes the rest); this one has {depth}")
     if not 1 <= k < depth:
         raise VlmCompressError(f"token_reduce.layer: FastV drops image tokens after decoder layer K, which must be "
                                f"between 1 and {depth - 1} for this {depth}-layer language model; got {k}")
