@@ -66,7 +66,8 @@ OPSET = 18
 SCHEMES = ("int8_dynamic", "fp32")
 FAMILIES = ("clip", "siglip", "llava")
 # token-reduction algorithms whose token counts follow a fixed per-layer schedule (they depend on the input size
-# only), so one traced graph is right for every input; an algorithm that is not listed here is refused
+# only), so one traced graph is right for every input; consulted for algorithms that the modeling code's reducer
+# registry does not describe (see `fixed_schedule`); anything else is refused
 FIXED_TOKEN_SCHEDULES = {"tome"}
 # an fp32 graph must reproduce torch within this (relative to the largest output), or the export is refused
 FP32_TOLERANCE = 1e-4
@@ -222,7 +223,9 @@ def check_exportable(model: nn.Module, adapter) -> list[int]:
     for tower in spec.get("towers", []):
         algorithm = tower.get("algorithm", spec.get("algorithm"))
         component = tower.get("component", "vision")
-        if not fixed_schedule(algorithm) or tower.get("data_dependent"):
+        if component not in ("vision", "text"):
+            continue  # inside LLaVA's language model (FastV): not part of any exported graph
+        if not fixed_schedule(algorithm) or tower.get("data_dependent") or spec.get("data_dependent"):
             raise OnnxExportError(
                 f"token reduction '{algorithm}' on the {component} tower chooses how many tokens to keep from the "
                 "data, so an ONNX graph traced on one input would be wrong for others; ONNX export supports "
@@ -297,11 +300,27 @@ def export_graph(graph: Graph, path: Path) -> dict[str, Any]:
                               dynamic_shapes=dynamic_shapes, custom_translation_table=_sort_stable_translation(),
                               external_data=False, optimize=True, verbose=False)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise OnnxExportError(f"torch.onnx.export could not export the {graph.name} ({type(e).__name__}: {first}); "
-                              "set VLMCOMPRESS_DEBUG=1 for the traceback") from e
+        raise OnnxExportError(_export_failure(graph.name, e)) from e
     return {"exporter": f"torch.onnx.export(dynamo=True), opset {OPSET}", "seconds": round(time.perf_counter() -
                                                                                          start, 2)}
+
+
+def _export_failure(name: str, error: BaseException) -> str:
+    """One line on why the exporter failed: the innermost cause, and where in vlmcompress's code it arose."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip()
+    first = text.splitlines()[0][:200] if text else type(root).__name__
+    where = next((line.strip() for line in text.splitlines() if "/vlmcompress/" in line and "File " in line), None)
+    message = f"torch.onnx.export could not export the {name} ({type(root).__name__}: {first})"
+    if "data-dependent" in text:
+        # torch.export reads the graph symbolically: a tensor value turned into a Python number (int(t), t.item(),
+        # a branch on a tensor) cannot be traced into a graph that is right for every input
+        message += "; the model turns a tensor value into a Python number or branch there"
+    if where:
+        message += f" at {where.removeprefix('File ')}"
+    return message + "; set VLMCOMPRESS_DEBUG=1 for the traceback"
 
 
 def _module_of(node, prefix: str = "model.") -> tuple[str | None, str | None]:

@@ -316,3 +316,37 @@ def test_unsupported_family_and_llava_llm_are_clear_errors(tmp_path):
     with pytest.raises(VlmCompressError, match="scheme"):
         vlmcompress.apply({**recipe, "stages": [{"method": "quantize", "backend": "onnxruntime",
                                                  "scheme": "int4_weight_only"}]}, progress=False)
+
+
+def test_algorithms_declared_by_the_modeling_code():
+    """PruMerge (adaptive) declares data-dependent token counts and is refused; FastV reduces tokens inside LLaVA's
+    language model, outside the exported image encoder, which stays exportable."""
+    adapter = BUILTIN_TINY["tiny-llava"]
+    prumerge = _reduced("tiny-llava", [{"method": "token_reduce", "algorithm": "prumerge"}])
+    with pytest.raises(vx.OnnxExportError, match="prumerge"):
+        vx.check_exportable(prumerge, adapter)
+    fastv = _reduced("tiny-llava", [{"method": "token_reduce", "algorithm": "fastv", "layer": 1}])
+    assert vx.check_exportable(fastv, adapter) == [65, 65, 65]
+
+
+def test_export_failure_names_the_cause(tmp_path):
+    class ReadsAValue(torch.nn.Module):
+        def forward(self, pixel_values):
+            if pixel_values.mean() > 0:  # a Python branch on the data
+                return pixel_values.mean(dim=(2, 3))
+            return pixel_values.amax(dim=(2, 3))
+
+    graph = vx.Graph("image_encoder", ReadsAValue(), {"pixel_values": torch.randn(2, 3, 8, 8)},
+                     {"pixel_values": {0: "batch"}}, "image_embeds", ("vision",), "image", "test")
+    with pytest.raises(vx.OnnxExportError, match="turns a tensor value into a Python number") as info:
+        vx.export_graph(graph, tmp_path / "x.onnx")
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_turbo_exports_like_tome(tmp_path):
+    adapter = BUILTIN_TINY["tiny-clip"]
+    model = _reduced("tiny-clip", [{"method": "token_reduce", "algorithm": "turbo", "r": 8}])
+    result = vx.export(model, adapter, tmp_path / "onnx", keep_fp32=True)
+    _check_graphs(model, result, adapter)
+    assert result.config["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
