@@ -270,7 +270,11 @@ def reduce_crossget(layer, x, internals: AttentionInternals, state: ReductionSta
         protected[:, 0] |= state.class_token
         guide = queries[:, -1:]
     importance = (F.normalize(keys.float(), dim=-1) @ F.normalize(guide.float(), dim=-1).transpose(1, 2))[..., 0]
-    group = None if state.valid is None else (~state.valid).long()
+    group = None
+    if state.valid is not None:
+        group = (~state.valid).long()
+        # padding carries nothing: merge it (among itself) before any text token
+        importance = importance.masked_fill(~state.valid, -1e4)
     matched = complete_graph_soft_matching(keys, importance, r, protected=protected, group=group)
     if matched is None:
         return x
