@@ -183,7 +183,7 @@ class TokenReduceStage(Stage):
     def plan(self, model, adapter) -> dict[str, Any]:
         if self.config.algorithm in llava_reduce.LLAVA_ALGORITHMS:
             return llava_reduce.plan(self.config, model, adapter)
-        towers = {}
+        plan: dict[str, Any] = {"algorithm": self.config.algorithm}
         for s in self.schedule(model, adapter):
             n0 = s["num_tokens"]
             units = [u for u in adapter.attention_units(model) if u.component == s["component"]]
@@ -191,16 +191,12 @@ class TokenReduceStage(Stage):
             tokens_in = [n0, *s["tokens_per_layer"][:-1]]
             before = encoder_gflops(model, units, mlps, [n0] * len(tokens_in))
             after = encoder_gflops(model, units, mlps, tokens_in)
-            towers[s["component"]] = {
-                "tokens": [n0, s["tokens_per_layer"][-1]], "tokens_per_layer": s["tokens_per_layer"],
-                "r": s["r"], "clamped_layers": [i for i, (a, b) in enumerate(zip(s["r"], s["requested_r"])) if a < b],
-                "encoder_gflops_estimate": [round(before, 4), round(after, 4)]}
-        only = next(iter(towers.values()))
-        # single-tower plans keep their flat shape (the CLI and older reports read it)
-        flat = {"tokens": only["tokens"], "tokens_per_layer": only["tokens_per_layer"],
-                "clamped_layers": only["clamped_layers"],
-                "vision_encoder_gflops_estimate": towers.get("vision", only)["encoder_gflops_estimate"]}
-        return {"algorithm": self.config.algorithm, **flat, "towers": towers}
+            clamped = [i for i, (a, b) in enumerate(zip(s["r"], s["requested_r"])) if a < b]
+            prefix = "" if s["component"] == "vision" else f"{s['component']}_"
+            plan |= {f"{prefix}tokens": [n0, s["tokens_per_layer"][-1]],
+                     f"{prefix}tokens_per_layer": s["tokens_per_layer"], f"{prefix}clamped_layers": clamped,
+                     f"{s['component']}_encoder_gflops_estimate": [round(before, 4), round(after, 4)]}
+        return plan
 
     def run(self, ctx: RunContext) -> StageReport:
         if ctx.compression.get("token_reduction"):
