@@ -243,6 +243,14 @@ def test_bench_onnx_against_torch(shapes_out):
             pytest.approx(torch_side["workloads"][key]["batch_sizes"]["2"]["ms_median"] / t["ms_median"], rel=1e-3)
 
 
+def test_bench_cli_states_the_onnxruntime_threads(shapes_out):
+    out, _ = shapes_out
+    result = runner.invoke(app, ["bench", str(out), "--against", str(out / "onnx"), "--batch-sizes", "1",
+                                 "--repeats", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "OTHER runs in onnxruntime" in result.output and "intra_op_num_threads=1" in result.output
+
+
 def test_bench_and_eval_of_llava_export(llava_tome):
     _, result = llava_tome
     out = benchmark("tiny-llava", against=str(result.folder), batch_sizes=(2,), repeats=1, threads=1,

@@ -343,6 +343,9 @@ def bench(
                       "-" if size is None else f"{size / 2**20:,.2f} MiB",
                       " → ".join(map(str, m["tokens_per_layer"] or [])))
     console.print(table)
+    for name, m in result["models"].items():
+        if m.get("runtime"):  # an ONNX export: its own threads, not torch's
+            console.print(f"{labels[name]} runs in {m['runtime']} ({m['dtype']})", highlight=False)
     for key, description in what["workloads"].items():
         table = Table("", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB",
                       box=box.SIMPLE_HEAD, title=f"[bold]{key}[/bold]: {description}", title_justify="left")
