@@ -45,6 +45,11 @@ def _inc():
     return inc
 
 
+def require() -> None:
+    """Raise `BackendNotInstalledError` (with the pip command) now if the package is missing."""
+    _inc()
+
+
 def version() -> str:
     from importlib.metadata import version as v
 

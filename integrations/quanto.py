@@ -23,6 +23,11 @@ def _quanto():
     return quanto
 
 
+def require() -> None:
+    """Raise `BackendNotInstalledError` (with the pip command) now if the package is missing."""
+    _quanto()
+
+
 def version() -> str:
     from importlib.metadata import version as v
 

@@ -28,6 +28,11 @@ def _torchao():
     return torchao
 
 
+def require() -> None:
+    """Raise `BackendNotInstalledError` (with the pip command) now if the package is missing."""
+    _torchao()
+
+
 def version() -> str:
     from importlib.metadata import version as v
 

@@ -47,6 +47,7 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
                   f"| ms per batch (median) | {b['ms_median']} | {a['ms_median']} | {speed['speedup']}× faster |",
                   f"| GFLOPs per sample | {b['gflops_per_sample']} | {a['gflops_per_sample']} | "
                   f"{speed['flops_reduction']}× fewer |"]
+    lines += quantization_lines(model)
     lines += ["", "## Stages", ""]
     for i, stage in enumerate(report["stages"], 1):
         lines.append(f"{i}. `{stage['method']}`: {len(stage['matched'])} modules changed, parameters "
@@ -58,3 +59,30 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
               "The token-reduction layers and per-layer shapes are rebuilt from `config.json` "
               "(`token_reduction`, `vlmcompress`) by the modeling files in this folder.", ""]
     return "\n".join(lines)
+
+
+def quantization_lines(model: nn.Module) -> list[str]:
+    """The quantization scheme per component and, honestly, whether it makes the model faster on CPU."""
+    spec = getattr(model.config, "quantization", None)
+    if not spec:
+        return []
+    lines = ["", "## Quantization", ""]
+    requested = spec.get("requested", {})
+    resolved = spec.get("resolved")
+    if resolved:
+        lines.append(f"`scheme: int8` resolved to `{resolved['int8']}` ({resolved['why']}).")
+        lines.append("")
+    lines += ["| component | backend | scheme | layers | CPU speed |", "|---|---|---|---|---|"]
+    counts: dict[str, int] = {}
+    for entry in spec["modules"].values():
+        counts[entry["scheme"]] = counts.get(entry["scheme"], 0) + 1
+    for comp, scheme in spec["schemes"].items():
+        lines.append(f"| {comp} | {scheme['backend']} | `{scheme['scheme']}` | {counts.get(comp, 0)} | "
+                     f"{scheme.get('cpu_speed', 'not measured')} |")
+    if spec.get("compile"):
+        lines += ["", f"The quantized components ({', '.join(spec['compile'])}) are `torch.compile`d when the model "
+                      "loads; the first call of each input shape compiles (tens of seconds)."]
+    lines += ["", f"Quantized layers hold integer weights in memory; loading needs the backend "
+                  f"`{requested.get('backend', '?')}` installed (`pip install 'vlmcompress[<backend>]'` for torchao, "
+                  "quanto and neural_compressor)."]
+    return lines

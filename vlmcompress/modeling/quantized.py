@@ -94,7 +94,7 @@ def _rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
     """Methods bound to `old` (also inside hook dicts, e.g. quanto's activation-quantizing hooks) → bound to `new`;
     dicts are copied so that hooks added to one module later do not leak into the other."""
     if getattr(value, "__self__", None) is old and hasattr(value, "__func__"):
-        return value.__func__.__get__(new)
+        return type(value)(value.__func__, new)  # a MethodType around the same function
     if isinstance(value, dict):
         copied = type(value)() if type(value) is not dict else {}
         for k, v in value.items():

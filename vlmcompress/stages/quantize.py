@@ -309,6 +309,8 @@ class QuantizeStage(Stage):
                 f"quantize names component(s) {sorted(set(named))} that {type(model).__name__} does not have; "
                 f"expected some of: {', '.join(c for c in COMPONENTS if c in present)}")
         check_selectors(self.config.ignore, [n for n, _ in model.named_modules()], "quantize.ignore")
+        if self.config.backend in MODULES:  # a missing package fails before anything runs
+            importlib.import_module(f"vlmcompress.integrations.{MODULES[self.config.backend]}").require()
 
     def plan(self, model, adapter) -> dict[str, Any]:
         if self.config.backend == "onnxruntime":
