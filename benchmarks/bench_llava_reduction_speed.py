@@ -15,7 +15,7 @@ All variants and the uncompressed model are timed interleaved (order rotated eve
 projector, language model). Speed-ups are ratios of medians and of minimums against the uncompressed model;
 realization = speed-up (medians) ÷ FLOPs reduction.
 
-    flock /tmp/vlmc-bench.lock python benchmarks/bench_llava_reduction_speed.py --repeats 7 \
+    flock /tmp/vlmc-bench.lock python benchmarks/bench_llava_reduction_speed.py --repeats 11 \
         --json benchmarks/results/llava_reduction_speed.json
 """
 
@@ -36,6 +36,7 @@ import vlmcompress
 from vlmcompress.bench import count_gflops, machine_info
 
 PROMPT_TOKENS = 64  # text tokens, BOS included
+WARMUP_CALLS = 3
 
 
 def variants(ratios: list[float]) -> dict[str, list[dict]]:
@@ -91,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", default="0.5,0.25")
     parser.add_argument("--batch-sizes", default="1")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     ratios = [float(x) for x in args.ratios.split(",")]
@@ -110,8 +111,8 @@ def main() -> None:
     results: dict = {"machine": machine, "setup": {
         "vision": "CLIP ViT-B/16, 224 px, 197 tokens, feature layer -2", "llm": "Llama 12 x 768, GQA 12/4, MLP 2048",
         "prompt": f"BOS + 196 image placeholders + {PROMPT_TOKENS - 1} text tokens; KV cache on, logits_to_keep=1",
-        "timing": f"torch.utils.benchmark.Timer, {torch.get_num_threads()} threads, inference_mode, 2 warm-up calls, "
-                  f"{args.repeats} interleaved rounds (order rotated)",
+        "timing": f"torch.utils.benchmark.Timer, {torch.get_num_threads()} threads, inference_mode, "
+                  f"{WARMUP_CALLS} warm-up calls, {args.repeats} interleaved rounds (order rotated)",
         "variants": variants(ratios)}, "models": {}, "ratios": {}}
     for name, model in models.items():
         results["models"][name] = {"gflops_per_sample": round(count_gflops(prefill(model, 1)), 4),
@@ -120,8 +121,8 @@ def main() -> None:
     for bs in sizes:
         fns = {name: prefill(model, bs) for name, model in models.items()}
         for fn in fns.values():
-            fn()
-            fn()
+            for _ in range(WARMUP_CALLS):
+                fn()
         times: dict[str, list[float]] = {name: [] for name in fns}
         order = list(fns)
         for r in range(args.repeats):

@@ -179,11 +179,13 @@ def plan(cfg, model, adapter) -> dict[str, Any]:
     llm_gflops = [round(encoder_gflops(model, llm_units, llm_mlps, llm_before), 4),
                   round(encoder_gflops(model, llm_units, llm_mlps, llm_after), 4)]
     out = {"algorithm": block["algorithm"], "options": block["options"], "component": tower["component"],
-           "tokens": [tower["num_tokens"], tower["tokens_per_layer"][-1]], "tokens_per_layer": tower["tokens_per_layer"],
-           "clamped_layers": [], "llm_prefill_gflops_estimate": llm_gflops,
+           "tokens": [tower["num_tokens"], tower["tokens_per_layer"][-1]],
+           "tokens_per_layer": tower["tokens_per_layer"], "clamped_layers": [], "llm_prefill_gflops_estimate": llm_gflops,
            "data_dependent": bool(block.get("data_dependent"))}
     if vision_gflops is not None:
         out["vision_encoder_gflops_estimate"] = vision_gflops
+    if block.get("data_dependent"):  # the "after" figures are upper bounds
+        out["tokens"] = [tower["num_tokens"], f"at most {tower['num_tokens']}, chosen per batch at run time"]
     return out
 
 
