@@ -494,3 +494,27 @@ def re_escape(text):
     import re
 
     return re.escape(text)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "prumerge_fixed"])
+def test_feature_layer_output_is_the_kernel_applied_to_the_stock_layer(reduced, name):
+    """The reducer runs after the MLP of the feature layer, with that layer's CLS attention and keys."""
+    _, model = reduced[name]
+    stock = tiny().tiny_model(0)
+    stock.set_attn_implementation("eager")
+    pixels = tiny().example_inputs(stock, batch_size=2)["pixel_values"]
+    with torch.no_grad():
+        out = stock.model.vision_tower(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+        layer = stock.model.vision_tower.encoder.layers[0]  # the feature layer (vision_feature_layer -2 of 2)
+        b, n, _ = out.hidden_states[0].shape
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[0])).view(b, n, 4, -1)
+        cls = out.attentions[0][:, :, 0, :].mean(dim=1)
+        o = model.config.token_reduction["options"]
+        if name == "visionzip":
+            expected = visionzip_merge(out.hidden_states[1], cls, keys.mean(dim=2), o["dominant"], o["contextual"])
+        else:
+            keep = prumerge_keep_index(cls[:, 1:], o["outliers"], o["selected"])
+            expected = prumerge_merge(out.hidden_states[1], cls, keys.flatten(2), keep, o["neighbours"],
+                                      o["extra_token"])
+        got = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
