@@ -518,3 +518,26 @@ def test_feature_layer_output_is_the_kernel_applied_to_the_stock_layer(reduced, 
                                       o["extra_token"])
         got = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model, stage, fragments", [
+    ("tiny-clip", "algorithm: fastv", ["fastv works on LLaVA-style models", "clip"]),
+    ("tiny-llava", "algorithm: fastv", ["layer", "between 1 and 1", "got 2"]),  # default K=2, 2 decoder layers
+    ("tiny-llava", "algorithm: visionzip\n    keep_ratio: 1.5", ["keep_ratio", "less than or equal to 1"]),
+    ("tiny-llava", "algorithm: prumerge\n    keep_ratio: 0", ["keep_ratio", "greater than 0"]),
+    ("tiny-llava", "algorithm: fastv\n    r: 8", ["r does not apply to algorithm: fastv"]),
+])
+def test_cli_bad_input_is_one_line_and_exit_1(model, stage, fragments, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmcompress.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model}\noutput: {tmp_path / 'out'}\nstages:\n  - method: token_reduce\n    {stage}\n")
+    result = CliRunner().invoke(app, ["apply", str(recipe)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines and all(line.startswith("error:") for line in lines) and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+    assert not (tmp_path / "out").exists()
