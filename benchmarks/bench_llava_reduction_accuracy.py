@@ -111,6 +111,10 @@ def main() -> None:
                                   model=fresh, processor=processor, save=False, progress=False)
         predicted = answer_questions(model, processor, images, questions)
         accuracy = round(sum(p == r["answer"] for p, r in zip(predicted, rows)) / len(rows), 4)
+        by_type = {}
+        for kind in sorted({r["qtype"] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r["qtype"] == kind]
+            by_type[kind] = round(sum(predicted[i] == rows[i]["answer"] for i in idx) / len(idx), 4)
         gflops = prefill_gflops(model, processor, rows[0])
         block = model.config.token_reduction
         tower = block["towers"][0]
@@ -121,7 +125,8 @@ def main() -> None:
             kept = round(sum(per_batch) / len(per_batch), 2)
         else:
             kept = tower["tokens_per_layer"][-1] - 1  # LLaVA's "default" strategy drops CLS
-        point = {"setting": setting, "vqa_accuracy": accuracy, "gflops_per_sample": round(gflops, 5),
+        point = {"setting": setting, "vqa_accuracy": accuracy, "vqa_by_type": by_type,
+                 "gflops_per_sample": round(gflops, 5),
                  "gflops_fraction": round(gflops / full, 4), "image_tokens_in_llm": kept,
                  "seconds": round(time.perf_counter() - t0, 1)}
         if block.get("data_dependent"):
