@@ -15,6 +15,7 @@ tokens too, so its prefill FLOPs are reported as well).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -53,11 +54,16 @@ def reduced(name: str, stage: dict):
                              progress=False)
 
 
-def choose_r(name: str, family: str, algorithm: str, target: float, full: float, max_r: int) -> tuple[int, float]:
+@functools.lru_cache(maxsize=None)
+def flops_fraction(name: str, algorithm: str, r: int, full: float) -> float:
+    return vision_gflops(reduced(name, {"method": "token_reduce", "algorithm": algorithm, "r": r})) / full
+
+
+def choose_r(name: str, algorithm: str, target: float, full: float, max_r: int) -> tuple[int, float]:
     """The constant r whose vision FLOPs are closest to `target * full` (ties: the smaller r)."""
     best = None
     for r in range(1, max_r + 1):
-        fraction = vision_gflops(reduced(name, {"method": "token_reduce", "algorithm": algorithm, "r": r})) / full
+        fraction = flops_fraction(name, algorithm, r, full)
         if best is None or abs(fraction - target) < abs(best[1] - target) - 1e-9:
             best = (r, fraction)
     return best
@@ -93,7 +99,7 @@ def main() -> None:
     print("full", results["full"], flush=True)
     for budget in [float(b) for b in args.budgets.split(",")]:
         for algorithm in args.algorithms.split(","):
-            r, fraction = choose_r(args.model, family, algorithm, budget, full, max_r)
+            r, fraction = choose_r(args.model, algorithm, budget, full, max_r)
             m = reduced(args.model, {"method": "token_reduce", "algorithm": algorithm, "r": r})
             entry = {"budget": budget, "algorithm": algorithm, "r": r, "vision_flops_fraction": round(fraction, 4),
                      "tokens_per_layer": m.vlmcompress_report["tokens_per_layer"]["vision"]} | evaluate(m)
