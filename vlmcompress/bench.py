@@ -83,6 +83,7 @@ from .adapters import ModelAdapter, adapter_for, get_submodule
 from .checkpoint import library_versions
 from .errors import ModelLoadError, UnsupportedModelError, VlmCompressError
 from .models import builtin_names, load_model
+from .stages.base import count_params
 
 TEXT_TOKENS = 32  # text length of the text / ITM workloads and of the generators' prompt
 DECODE_STEPS = 16
@@ -298,9 +299,22 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * heads * s_q * s_k * d_qk + 2 * b * heads * s_q * s_k * d_v
 
 
+def _quantized_matmul_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a quantized matmul `[..., K] @ [K, N]` (int8 / int4 kernels the flop counter does not know)."""
+    return 2 * math.prod(input_shape) * out_shape[-1]
+
+
 def _flop_mapping() -> dict:
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {op: _sdpa_cpu_flops} if op is not None else {}
+    ops = {getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None): _sdpa_cpu_flops}
+    # the kernels behind vlmcompress's quantized linear layers (torch dynamic int8, torchao int8 / int4, quanto)
+    for namespace, name in (("quantized", "linear_dynamic"), ("aten", "_int_mm"),
+                            ("aten", "_weight_int4pack_mm_for_cpu"), ("quanto", "qbytes_mm")):
+        try:
+            ops[getattr(getattr(torch.ops, namespace), name)] = _quantized_matmul_flops
+        except (AttributeError, RuntimeError):
+            continue  # that backend's operators are not registered in this process
+    ops.pop(None, None)
+    return ops
 
 
 def count_gflops(fn: Callable[[], Any]) -> float:
@@ -650,7 +664,7 @@ def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: _
                 "workloads": {w.key: {"gflops_per_sample": gflops[w.key], "batch_sizes": {}} for w in workloads}}
     out = {"source": entry["source"], "role": entry["role"], "family": adapter.family, "class": type(model).__name__,
            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-           "parameters": sum(p.numel() for p in model.parameters()),
+           "parameters": count_params(model),
            "size_on_disk_bytes": size_on_disk(entry["folder"]),
            "tokens_per_layer": None, "workloads": {}}
     for w in workloads:

@@ -104,7 +104,18 @@ class Stage:
 
 
 def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters as the float model has them: a quantized linear layer counts its `in × out` weight and its bias,
+    whatever its integer storage (which lives in buffers and backend kernel modules)."""
+    from ..modeling.quantized import QuantizedLinear
+
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    total = sum(m.in_features * m.out_features + (m.out_features if "bias" in m.keys else 0)
+                for m in quantized.values())
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner not in quantized and owner.rpartition(".")[0] not in quantized:
+            total += p.numel()
+    return total
 
 
 class Timer:

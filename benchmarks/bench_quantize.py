@@ -1,0 +1,226 @@
+"""Quantization on CPU: size on disk, speed and accuracy of every backend × scheme, on the model as loaded back.
+
+Two parts, each writing JSON:
+
+`--part speed`: a ViT-B/16-shaped CLIP vision tower (random init, 224 px → 197 tokens; built as in
+`bench_vit_tome_prune.py`). Every variant is produced by `vlmcompress.apply` into a folder and timed *after*
+`vlmcompress.load(folder)` (so a `compile:` option recorded in the checkpoint is applied as a user gets it):
+`get_image_features` at batch 1 (latency) and batch 32 (throughput), variants interleaved (the order rotates every
+round), min and median over `--rounds`, speed-ups against fp32 measured in the same run.
+
+`--part accuracy`: `shapes-clip` (the trained teacher) quantized by every backend × scheme (calibrated schemes use
+`data.train`), reloaded, evaluated on the shapes test split (`--size` pairs): recall@1 both ways, zero-shot shape.
+`--llava` adds `shapes-llava` VQA accuracy for the quantizers that apply to the whole model.
+
+    flock /tmp/vlmc-bench.lock python benchmarks/bench_quantize.py --part speed --json benchmarks/results/quantize_vit_b16.json
+    flock /tmp/vlmc-bench.lock python benchmarks/bench_quantize.py --part accuracy --json benchmarks/results/quantize_shapes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+from transformers import CLIPConfig, CLIPModel
+
+import vlmcompress
+from vlmcompress.bench import machine_info
+
+TRAIN = {"builtin": "shapes", "split": "train", "size": 256}
+
+
+def q(**kw) -> dict:
+    return {"method": "quantize", **kw}
+
+
+# name → quantize stage (None: the fp32 model itself)
+SPEED_VARIANTS: dict[str, dict | None] = {
+    "fp32": None,
+    "torch int8_dynamic (scheme: int8)": q(),
+    "torchao int8_dynamic": q(backend="torchao", scheme="int8_dynamic"),
+    "torchao int8_dynamic + compile": q(backend="torchao", scheme="int8_dynamic", compile=True),
+    "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
+    "torchao int4_weight_only (g128)": q(backend="torchao", scheme="int4_weight_only"),
+    "quanto int8_weight_only": q(backend="quanto", scheme="int8_weight_only"),
+    "quanto int4_weight_only": q(backend="quanto", scheme="int4_weight_only"),
+    "neural_compressor int8_weight_only (rtn)": q(backend="neural_compressor", scheme="int8_weight_only"),
+    "neural_compressor int4_weight_only (rtn, g32)": q(backend="neural_compressor", scheme="int4_weight_only"),
+}
+
+ACCURACY_VARIANTS: dict[str, dict | None] = {
+    "fp32": None,
+    "torch int8_dynamic (scheme: int8)": q(),
+    "torch int8_dynamic, reduce_range: false": q(reduce_range=False),
+    "torchao int8_dynamic": q(backend="torchao", scheme="int8_dynamic"),
+    "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
+    "torchao int4_weight_only (g32)": q(backend="torchao", scheme="int4_weight_only", group_size=32),
+    "quanto int8_weight_only": q(backend="quanto", scheme="int8_weight_only"),
+    "quanto int4_weight_only": q(backend="quanto", scheme="int4_weight_only"),
+    "quanto int8_static (calibrated)": q(backend="quanto", scheme="int8_static"),
+    "neural_compressor int8_weight_only (rtn)": q(backend="neural_compressor", scheme="int8_weight_only"),
+    "neural_compressor int4_weight_only (rtn, g32)": q(backend="neural_compressor", scheme="int4_weight_only"),
+    "neural_compressor int4_weight_only (gptq, g32)": q(backend="neural_compressor", scheme="int4_weight_only",
+                                                        algorithm="gptq"),
+    "neural_compressor int8_weight_only (gptq)": q(backend="neural_compressor", scheme="int8_weight_only",
+                                                   algorithm="gptq"),
+}
+
+
+def vit_b16_clip() -> CLIPModel:
+    torch.manual_seed(0)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=16)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                bos_token_id=1, eos_token_id=3, pad_token_id=0)
+    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512)).eval()
+
+
+def disk_mb(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20, 2)
+
+
+def write_variant(name: str, stage: dict | None, folder: Path, model: torch.nn.Module | None = None,
+                  source: str = "in-memory", data: dict | None = None) -> dict:
+    """Quantize into `folder` (or save fp32 there); returns what `apply` reported for the stage."""
+    if stage is None:
+        if model is not None:
+            model.save_pretrained(folder)
+        else:
+            from vlmcompress.zoo import zoo_folder
+
+            shutil.copytree(zoo_folder(source), folder)
+        return {}
+    recipe = {"model": source, "output": str(folder), "stages": [stage]}
+    if data:
+        recipe["data"] = data
+    t = time.perf_counter()
+    out = vlmcompress.apply(recipe, model=model, progress=False, overwrite=True)
+    details = out.vlmcompress_report["stages"][-1]["details"]
+    return {"quantize_seconds": round(time.perf_counter() - t, 1),
+            "layers": details.get("layers_per_component"), "skipped": len(details.get("skipped", {}))}
+
+
+def load_back(folder: Path, fp32: bool) -> torch.nn.Module:
+    if fp32:
+        return CLIPModel.from_pretrained(folder).eval()
+    return vlmcompress.load(folder)
+
+
+def encode(model, pixels):
+    with torch.inference_mode():
+        return model.get_image_features(pixel_values=pixels)
+
+
+def speed(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="vlmc-bench-quantize-"))
+    results = {"machine": machine_info(torch.device("cpu")), "workload": "CLIP ViT-B/16 get_image_features",
+               "rounds": args.rounds, "variants": {}}
+    models = {}
+    try:
+        for name, stage in SPEED_VARIANTS.items():
+            folder = work / f"v{len(models)}"
+            stage = None if stage is None else stage | {"components": ["vision"]}
+            info = write_variant(name, stage, folder, model=vit_b16_clip())
+            models[name] = load_back(folder, stage is None)
+            results["variants"][name] = {"size_on_disk_mb": disk_mb(folder), **info}
+            print(name, results["variants"][name], flush=True)
+        for bs, calls in ((1, args.bs1_calls), (32, 1)):
+            pixels = torch.randn(bs, 3, 224, 224)
+            reference = encode(models["fp32"], pixels)
+            for name, model in models.items():  # warm-up (compiles the compiled variants), and the error vs fp32
+                t = time.perf_counter()
+                out = encode(model, pixels)
+                rel = ((out - reference).norm() / reference.norm()).item()
+                results["variants"][name].setdefault("rel_error_vs_fp32", round(rel, 5))
+                results["variants"][name][f"bs{bs}_warmup_s"] = round(time.perf_counter() - t, 1)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            order = list(models)
+            for r in range(args.rounds):
+                for name in order[r % len(order):] + order[: r % len(order)]:
+                    timer = benchmark.Timer(stmt="encode(m, x)", num_threads=torch.get_num_threads(),
+                                            globals={"encode": encode, "m": models[name], "x": pixels})
+                    times[name].append(timer.timeit(calls).mean * 1e3)
+                print(f"bs{bs} round {r + 1}/{args.rounds}", flush=True)
+            base = times["fp32"]
+            for name, ts in times.items():
+                results["variants"][name][f"bs{bs}"] = {
+                    "ms_min": round(min(ts), 1), "ms_median": round(statistics.median(ts), 1),
+                    "images_per_s": round(bs * 1e3 / statistics.median(ts), 2),
+                    "speedup_min": round(min(base) / min(ts), 3),
+                    "speedup_median": round(statistics.median(base) / statistics.median(ts), 3)}
+        results["machine_after"] = {"load_average_1m": machine_info(torch.device("cpu"))["load_average_1m"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def accuracy(args) -> dict:
+    from vlmcompress.evaluate import evaluate_dual_encoder, evaluate_vqa, shapes_eval_rows
+    from vlmcompress.models import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="vlmc-bench-quantize-acc-"))
+    results = {"machine": machine_info(torch.device("cpu")), "model": "shapes-clip", "size": args.size,
+               "variants": {}}
+    rows = None
+    try:
+        for i, (name, stage) in enumerate(ACCURACY_VARIANTS.items()):
+            folder = work / f"clip{i}"
+            info = write_variant(name, stage, folder, source="shapes-clip", data={"train": TRAIN})
+            model, processor = load_model(str(folder))
+            rows = rows if rows is not None else shapes_eval_rows(model, args.size)
+            t = time.perf_counter()
+            scores = evaluate_dual_encoder(model, processor, rows)
+            keep = {k: scores[k] for k in ("i2t_R@1", "t2i_R@1", "recall@1", "zero_shot_shape") if k in scores}
+            results["variants"][name] = {"size_on_disk_mb": disk_mb(folder), **info, **keep,
+                                         "eval_seconds": round(time.perf_counter() - t, 1)}
+            print(name, results["variants"][name], flush=True)
+        base = results["variants"]["fp32"]
+        for v in results["variants"].values():
+            v["recall@1_change_points"] = round(100 * (v["recall@1"] - base["recall@1"]), 2)
+        if args.llava:
+            results["llava"] = {}
+            vqa_rows = None
+            for i, (name, stage) in enumerate(ACCURACY_VARIANTS.items()):
+                if stage is not None and (stage.get("backend") == "quanto" and stage.get("scheme") == "int8_static"
+                                          or "reduce_range" in stage or stage.get("algorithm") == "gptq"):
+                    continue
+                folder = work / f"llava{i}"
+                info = write_variant(name, stage, folder, source="shapes-llava", data={"train": TRAIN})
+                model, processor = load_model(str(folder))
+                vqa_rows = vqa_rows if vqa_rows is not None else shapes_eval_rows(model, args.vqa_size)
+                scores = evaluate_vqa(model, processor, vqa_rows)
+                results["llava"][name] = {"size_on_disk_mb": disk_mb(folder), **info,
+                                          "vqa_accuracy": scores["vqa_accuracy"]}
+                print("llava", name, results["llava"][name], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["speed", "accuracy"], required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bs1-calls", type=int, default=3, help="calls per batch-1 measurement")
+    parser.add_argument("--size", type=int, default=5000, help="shapes test pairs for accuracy")
+    parser.add_argument("--llava", action="store_true", help="also shapes-llava VQA accuracy")
+    parser.add_argument("--vqa-size", type=int, default=2000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    results = speed(args) if args.part == "speed" else accuracy(args)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
