@@ -6,6 +6,9 @@ Extra keys (all plain JSON):
         `versions` (libraries that produced the checkpoint).
     `token_reduction`: `algorithm` and per tower the encoder-layer path, per-layer `r`, protected CLS, proportional
         attention and the expected tokens after every layer.
+    `quantization`: the quantized linear layers (backend, scheme and options per component; per layer its shape and
+        the names, shapes and dtypes of its integer data / scales / zero points) replayed by `quantized.py`. It is
+        not `quantization_config`, which transformers would hand to its own quantizers.
 """
 
 from __future__ import annotations
