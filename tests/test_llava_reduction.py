@@ -541,3 +541,39 @@ def test_cli_bad_input_is_one_line_and_exit_1(model, stage, fragments, tmp_path)
     for fragment in fragments:
         assert fragment in result.output, (fragment, result.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_fastv_prefill_equals_a_layer_by_layer_reference():
+    """Layers after K run on the kept tokens at their original positions: rebuilt here by hand from stock modules
+    (rotary embeddings recomputed for the kept position ids, the causal + padding mask rebuilt for the kept tokens)."""
+    from vlmcompress.modeling.llava_reduction import apply_fastv
+
+    model = tiny().tiny_model(0)
+    state = apply_fastv(model, {"layers_path": LLM_LAYERS, "inputs_path": "model", "layer": 1, "keep_ratio": 0.25,
+                                "image_token_id": IMAGE_ID})
+    batch, _ = padded_batch(seed=3)
+    ids, pad = batch["input_ids"], batch["attention_mask"].bool()
+    position = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(**batch, position_ids=position).logits
+        keep = fastv_keep_index(state.scores, ids == IMAGE_ID, 16)
+        assert torch.equal(keep, state.keep)
+        # the reference: stock modules, one layer at a time
+        features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        embeds = model.model.get_input_embeddings()(ids).masked_scatter((ids == IMAGE_ID)[..., None],
+                                                                        torch.cat(list(features)))
+        lm = model.model.language_model
+        h, pos, valid = embeds, position, pad
+        for i, layer in enumerate(lm.layers):
+            if i == 1:  # K = 1: from here on, the kept tokens only
+                h, pos, valid = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1])), pos.gather(1, keep), \
+                    valid.gather(1, keep)
+            n = h.shape[1]
+            mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+            mask = mask | torch.eye(n, dtype=torch.bool)  # padded queries see themselves (their output is unused)
+            h = type(layer).__mro__[1].forward(layer, h, attention_mask=mask, position_ids=pos,
+                                               position_embeddings=lm.rotary_emb(h, pos))
+        expected = model.lm_head(lm.norm(h))
+    assert logits.shape == expected.shape == (2, ids.shape[1] - 48, 100)
+    real = valid  # rows' padded positions differ in how they attend; compare real tokens only
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-4)
