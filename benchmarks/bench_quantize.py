@@ -44,7 +44,7 @@ def q(**kw) -> dict:
 SPEED_VARIANTS: dict[str, dict | None] = {
     "fp32": None,
     "torch int8_dynamic (scheme: int8)": q(),
-    "torchao int8_dynamic": q(backend="torchao", scheme="int8_dynamic"),
+    "torchao int8_dynamic (eager)": q(backend="torchao", scheme="int8_dynamic", compile=False),
     "torchao int8_dynamic + compile": q(backend="torchao", scheme="int8_dynamic", compile=True),
     "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
     "torchao int4_weight_only (g128)": q(backend="torchao", scheme="int4_weight_only"),
@@ -52,13 +52,18 @@ SPEED_VARIANTS: dict[str, dict | None] = {
     "quanto int4_weight_only": q(backend="quanto", scheme="int4_weight_only"),
     "neural_compressor int8_weight_only (rtn)": q(backend="neural_compressor", scheme="int8_weight_only"),
     "neural_compressor int4_weight_only (rtn, g32)": q(backend="neural_compressor", scheme="int4_weight_only"),
+    # the full pipeline of recipes/clip_prune_tome_int8.yaml, at ViT-B/16 scale (50 % of heads and MLP, r = 16)
+    "prune 50 % + ToMe r=16 (fp32)": [{"method": "structured_prune", "ratio": {"vision": 0.5}},
+                                      {"method": "token_reduce", "r": 16}],
+    "prune 50 % + ToMe r=16 + int8": [{"method": "structured_prune", "ratio": {"vision": 0.5}},
+                                      {"method": "token_reduce", "r": 16}, q()],
 }
 
 ACCURACY_VARIANTS: dict[str, dict | None] = {
     "fp32": None,
     "torch int8_dynamic (scheme: int8)": q(),
     "torch int8_dynamic, reduce_range: false": q(reduce_range=False),
-    "torchao int8_dynamic": q(backend="torchao", scheme="int8_dynamic"),
+    "torchao int8_dynamic (eager)": q(backend="torchao", scheme="int8_dynamic", compile=False),
     "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
     "torchao int4_weight_only (g32)": q(backend="torchao", scheme="int4_weight_only", group_size=32),
     "quanto int8_weight_only": q(backend="quanto", scheme="int8_weight_only"),
@@ -86,10 +91,10 @@ def disk_mb(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20, 2)
 
 
-def write_variant(name: str, stage: dict | None, folder: Path, model: torch.nn.Module | None = None,
+def write_variant(name: str, stages: dict | list | None, folder: Path, model: torch.nn.Module | None = None,
                   source: str = "in-memory", data: dict | None = None) -> dict:
-    """Quantize into `folder` (or save fp32 there); returns what `apply` reported for the stage."""
-    if stage is None:
+    """Run the stage(s) into `folder` (or save fp32 there); returns what `apply` reported for the last stage."""
+    if stages is None:
         if model is not None:
             model.save_pretrained(folder)
         else:
@@ -97,13 +102,14 @@ def write_variant(name: str, stage: dict | None, folder: Path, model: torch.nn.M
 
             shutil.copytree(zoo_folder(source), folder)
         return {}
-    recipe = {"model": source, "output": str(folder), "stages": [stage]}
+    recipe = {"model": source, "output": str(folder), "stages": stages if isinstance(stages, list) else [stages]}
     if data:
         recipe["data"] = data
     t = time.perf_counter()
     out = vlmcompress.apply(recipe, model=model, progress=False, overwrite=True)
-    details = out.vlmcompress_report["stages"][-1]["details"]
-    return {"quantize_seconds": round(time.perf_counter() - t, 1),
+    report = out.vlmcompress_report
+    details = report["stages"][-1]["details"]
+    return {"apply_seconds": round(time.perf_counter() - t, 1), "params": report["params_after"],
             "layers": details.get("layers_per_component"), "skipped": len(details.get("skipped", {}))}
 
 
@@ -115,7 +121,8 @@ def load_back(folder: Path, fp32: bool) -> torch.nn.Module:
 
 def encode(model, pixels):
     with torch.inference_mode():
-        return model.get_image_features(pixel_values=pixels)
+        out = model.get_image_features(pixel_values=pixels)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def speed(args) -> dict:
@@ -126,7 +133,10 @@ def speed(args) -> dict:
     try:
         for name, stage in SPEED_VARIANTS.items():
             folder = work / f"v{len(models)}"
-            stage = None if stage is None else stage | {"components": ["vision"]}
+            if isinstance(stage, dict):
+                stage = stage | {"components": ["vision"]}
+            elif stage is not None and stage[-1]["method"] == "quantize":
+                stage = [*stage[:-1], stage[-1] | {"components": ["vision"]}]
             info = write_variant(name, stage, folder, model=vit_b16_clip())
             models[name] = load_back(folder, stage is None)
             results["variants"][name] = {"size_on_disk_mb": disk_mb(folder), **info}

@@ -67,9 +67,9 @@ class QuantizeConfig(StageConfig):
         None, ge=-1, description="weight-only int4/int8 group size (-1: per output channel); backend default if unset")
     algorithm: Literal["rtn", "gptq"] = Field(
         "rtn", description="neural_compressor weight-only rounding: rtn (round to nearest) or gptq (calibrated)")
-    compile: bool = Field(
-        False, description="torch.compile the quantized components when the checkpoint loads (torchao int8_dynamic "
-                           "is only faster than fp32 on CPU when compiled)")
+    compile: bool | None = Field(
+        None, description="torch.compile the quantized components when the checkpoint loads; unset: on for torchao "
+                          "int8_dynamic (only faster than fp32 on CPU when compiled), off otherwise")
     reduce_range: bool = Field(
         True, description="torch int8_dynamic: 7-bit activations, needed on x86 CPUs without VNNI (portable default)")
     calibration_batches: int = Field(4, ge=1, description="int8_static / gptq: batches of data.train used")
@@ -87,6 +87,13 @@ class QuantizeConfig(StageConfig):
         return self
 
 
+def wants_compile(config: QuantizeConfig, schemes: dict[str, str]) -> bool:
+    """`compile:` as given, or (unset) on when a torchao int8_dynamic layer needs it to be faster than fp32."""
+    if config.compile is not None:
+        return config.compile
+    return config.backend == "torchao" and "int8_dynamic" in schemes.values()
+
+
 def resolve_scheme(backend: str, scheme: str) -> str:
     """`int8` → the backend's default int8 scheme; anything else unchanged."""
     return INT8_DEFAULT[backend] if scheme == "int8" else scheme
@@ -97,7 +104,7 @@ BackendFn = Callable[[RunContext, QuantizeConfig], dict[str, Any]]
 # what users are told about CPU speed, from the measurements in docs/benchmarks.md ("Quantization")
 CPU_SPEED: dict[tuple[str, str], str] = {
     ("torch", "int8_dynamic"): "faster on CPU (eager)",
-    ("torchao", "int8_dynamic"): "faster on CPU only with compile: true; slower than fp32 in eager mode",
+    ("torchao", "int8_dynamic"): "faster on CPU when compiled (compile: true); slower than fp32 in eager mode",
     ("torchao", "int8_weight_only"): "smaller only; not faster than fp32 on CPU",
     ("torchao", "int4_weight_only"): "smaller only; not faster than fp32 on CPU",
     ("quanto", "int8_weight_only"): "smaller only; slower than fp32 on CPU",
@@ -205,7 +212,7 @@ def _finish(ctx: RunContext, config: QuantizeConfig, spec: dict[str, Any], schem
     """Record the spec, apply `compile`, and return the report details."""
     used = {e["scheme"] for e in spec["modules"].values()}
     spec["schemes"] = {k: v for k, v in spec["schemes"].items() if k in used}
-    if config.compile:
+    if wants_compile(config, schemes):
         spec["compile"] = [ctx.adapter.component_paths[c] for c in used]
         qmod.compile_components(ctx.model, spec["compile"])
     if config.scheme == "int8":
