@@ -282,7 +282,8 @@ def test_crossget_text_tower_keeps_length_and_never_merges_padding_into_text(tmp
 def test_turbo_knobs_reach_the_checkpoint_and_are_validated(tmp_path):
     model, out = reduce("tiny-clip", "turbo", ["vision"], tmp_path, alpha=2.0, r_threshold=12)
     block = json.loads((out / "config.json").read_text())["token_reduction"]
-    assert block["options"] == {"alpha": 2.0, "beta": 1.0, "gamma": 0.0, "r_threshold": 12}
+    assert block["options"] == {"alpha": 2.0, "beta": 1.0, "gamma": 0.0, "r_threshold": 12, "text_step": 0.07,
+                                "text_min_keep": 0.2}
     # 65 tokens: layer 0 merges 3 (65 ≥ 12), layer 1 merges 3
     assert block["towers"][0]["tokens_per_layer"] == [62, 59]
     with pytest.raises(VlmCompressError, match="alpha do not apply to algorithm: tome"):

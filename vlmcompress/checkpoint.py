@@ -21,8 +21,8 @@ from .modeling import configuration_vlmcompress as cfg_mod
 from .modeling import modeling_vlmcompress as model_mod
 
 MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_vlmcompress.py", "llava_reduction.py", "modeling_vlmcompress.py", "quantized.py",
-                  "reduction.py", "shapes.py", "token_ops.py")
+MODELING_FILES = ("configuration_vlmcompress.py", "cross_pruning.py", "llava_reduction.py", "modeling_vlmcompress.py",
+                  "quantized.py", "reduction.py", "shapes.py", "token_ops.py")
 
 
 def library_versions() -> dict[str, str]:

@@ -257,7 +257,9 @@ def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_
 def run_report(ctx: RunContext, recipe: Recipe, params_before: int) -> dict[str, Any]:
     params_after = count_params(ctx.model)
     reduction = ctx.compression.get("token_reduction") or {}
-    towers = {t["component"]: [t["num_tokens"], *t["tokens_per_layer"]] for t in reduction.get("towers", [])}
+    # Turbo's pruning inside BLIP's text encoder counts image tokens: "text image"
+    towers = {t["component"] + (" image" if t.get("kind") == "cross_attention_pruning" else ""):
+              [t["num_tokens"], *t["tokens_per_layer"]] for t in reduction.get("towers", [])}
     return {
         "base_model": recipe.model,
         "family": ctx.adapter.family,

@@ -98,6 +98,11 @@ class ModelAdapter:
         """The text encoder as a tower that order-preserving token reduction can run on; None when unsupported."""
         return None
 
+    def cross_attention_tower(self, model: nn.Module) -> VisionTower | None:
+        """The text-encoder layers whose cross-attention reads the image tokens (`num_tokens`: image tokens with
+        CLS, `hook_path`: the encoder module), where Turbo prunes those tokens; None when the family has none."""
+        return None
+
     def tiny_model(self, seed: int = 0) -> nn.Module:
         """A seeded random-init model of this family, small enough for unit tests."""
         raise NotImplementedError

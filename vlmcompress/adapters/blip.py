@@ -35,6 +35,10 @@ class BlipAdapter(ModelAdapter):
     def vision_tower(self, model):
         return VisionTower("vision_model.encoder.layers", _patch_tokens(model.config.vision_config) + 1, True)
 
+    def cross_attention_tower(self, model):
+        return VisionTower(TEXT_LAYERS, _patch_tokens(model.config.vision_config) + 1, True,
+                           hook_path=TEXT_LAYERS.rpartition(".")[0])
+
     def tiny_model(self, seed=0):
         from transformers import BlipConfig, BlipForImageTextRetrieval
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cross_pruning import KIND as CROSS_PRUNING, patch_cross_attention_pruning
 from .token_ops import (bipartite_soft_matching, complete_graph_soft_matching, informativity_soft_matching,
                         merge_source, merge_wavg, turbo_semantic_weight)
 
@@ -348,6 +349,8 @@ def end_of_text_mask(input_ids: torch.Tensor, text: dict[str, Any]) -> torch.Ten
 
 def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options: dict | None = None) -> ReductionState:
     """Turn the encoder layers at `tower["layers_path"]` into reducing layers with per-layer `tower["r"]`."""
+    if tower.get("kind") == CROSS_PRUNING:  # Turbo's pruning of the image tokens in BLIP's text encoder
+        return patch_cross_attention_pruning(model, tower, options)
     if algorithm not in REDUCERS:
         raise ValueError(f"token_reduction.algorithm {algorithm!r} is not supported by this modeling code "
                          f"(supported: {', '.join(REDUCERS)})")

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "bipartite_soft_matching",
     "complete_graph_soft_matching",
+    "cross_attention_keep_counts",
     "informativity_soft_matching",
     "r_for_keep_ratio",
     "turbo_semantic_weight",
@@ -34,7 +35,9 @@ __all__ = [
     "parse_r",
     "prumerge_keep_index",
     "prumerge_merge",
+    "received_cross_attention",
     "token_schedule",
+    "top_received_index",
     "visionzip_merge",
 ]
 
@@ -678,3 +681,71 @@ def keep_count(num_tokens: int, keep_ratio: float) -> int:
     if num_tokens <= 0:
         return 0
     return max(1, min(num_tokens, int(math.floor(keep_ratio * num_tokens + 0.5))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Turbo's cross-attention-guided pruning of the image tokens inside BLIP's text encoder (methods.md §5a)
+
+
+def cross_attention_keep_counts(num_tokens: int, num_layers: int, step: float = 0.07,
+                                min_keep: float = 0.2) -> list[int]:
+    """
+    Image tokens Turbo keeps after each text-encoder layer: `k_i = max(N0 · min_keep, (1 − step · (i + 1)) · N0)`,
+    rounded down, clamped to `[1, N0]`.
+
+    Args:
+        num_tokens (`int`): `N0`, the image tokens entering the text encoder (class token included).
+        num_layers (`int`): text-encoder layers.
+        step (`float`): fraction of `N0` dropped per layer (Turbo: 0.07).
+        min_keep (`float`): floor, as a fraction of `N0` (Turbo: 0.2, i.e. `N0 · (1 − 0.8)`).
+
+    Returns:
+        `list[int]` of length `num_layers`, non-increasing: `k_i` for layer `i` (the count the next layer sees).
+    """
+    if num_tokens <= 0:
+        return [0] * num_layers
+    # the small epsilon keeps exact products such as (1 - 0.07 * 10) * 100 = 30 from flooring to 29
+    floor = math.floor(min_keep * num_tokens + 1e-6)
+    return [max(1, min(num_tokens, max(floor, math.floor((1.0 - step * (i + 1)) * num_tokens + 1e-6))))
+            for i in range(num_layers)]
+
+
+def received_cross_attention(probs: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Cross-attention each image token receives: the attention probabilities summed over heads and text queries.
+
+    Args:
+        probs (`torch.Tensor` of shape `(batch_size, num_heads, num_queries, num_tokens)`):
+            Softmax of the text queries over the image tokens.
+        query_valid (`torch.Tensor` of shape `(batch_size, num_queries)`, bool, *optional*):
+            Text queries that count (False for padding, so that a padded sample scores like the same sample alone).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_tokens)`, float32.
+    """
+    per_query = probs.float().sum(dim=1)  # [B, Lq, N]
+    if query_valid is not None:
+        per_query = per_query * query_valid[..., None].to(per_query.dtype)
+    return per_query.sum(dim=1)
+
+
+def top_received_index(received: torch.Tensor, num_keep: int, keep_first: bool = True) -> torch.Tensor:
+    """
+    The `num_keep` image tokens that received the most cross-attention, in their original order.
+
+    Args:
+        received (`torch.Tensor` of shape `(batch_size, num_tokens)`): [`received_cross_attention`].
+        num_keep (`int`): tokens kept per sample, clamped to `[1, num_tokens]`.
+        keep_first (`bool`): always keep token 0 (the image class token), whatever it received.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_keep)`, long, ascending in every row; equal scores go to the earlier
+        token.
+    """
+    num_keep = max(1, min(int(num_keep), received.shape[1]))
+    priority = received.float()
+    if keep_first:
+        priority = priority.clone()
+        priority[:, 0] = math.inf
+    order = priority.argsort(dim=1, descending=True, stable=True)
+    return order[:, :num_keep].sort(dim=1).values

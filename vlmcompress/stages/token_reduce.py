@@ -6,7 +6,9 @@ layer, a larger `r` is clamped and the clamp recorded per layer in the report):
   proportional attention, CLS never merged.
 - `turbo` (Ju et al., ECCV 2024): ToMe's matching with tokens ranked by redundancy minus `alpha`-weighted CLS
   attention (informativity), `beta` / `gamma` shape the weight over layers, no merging once fewer than
-  `r_threshold` tokens are left.
+  `r_threshold` tokens are left. On BLIP, `components: [vision, text]` also prunes the image tokens inside the text
+  encoder: after text layer i only the `max(N0 · text_min_keep, (1 − text_step · (i + 1)) · N0)` image tokens that
+  received the most cross-attention go on (`modeling/cross_pruning.py`).
 - `crossget` (Shi et al., ICML 2024): complete-graph matching guided by a cross token (a per-layer parameter,
   zero-initialised until a training stage learns it), importance-weighted ensemble, order kept; also on the text
   towers of CLIP and SigLIP (the end-of-text token protected, padding never merged into text).
@@ -24,8 +26,9 @@ from pydantic import Field, model_serializer, model_validator
 
 from ..adapters.base import encoder_gflops
 from ..errors import VlmCompressError
+from ..modeling.cross_pruning import KIND as CROSS_PRUNING
 from ..modeling.reduction import patch_tower
-from ..modeling.token_ops import parse_r, r_for_keep_ratio, token_schedule
+from ..modeling.token_ops import cross_attention_keep_counts, parse_r, r_for_keep_ratio, token_schedule
 from ..registry import register_method
 from . import llava_reduce
 from .base import RunContext, Stage, StageConfig, StageReport, count_params
@@ -34,13 +37,13 @@ NonNegInt = Annotated[int, Field(ge=0)]
 # knobs that belong to one algorithm: filled with these defaults when that algorithm is chosen, must stay unset
 # otherwise, and are left out of the resolved recipe when unset
 ALGORITHM_KNOBS: dict[str, dict[str, Any]] = {
-    "turbo": {"alpha": 5.0, "beta": 1.0, "gamma": 0.0, "r_threshold": 0},
+    "turbo": {"alpha": 5.0, "beta": 1.0, "gamma": 0.0, "r_threshold": 0, "text_step": 0.07, "text_min_keep": 0.2},
     "fastv": {"layer": 2},
     "visionzip": {"dominant": None, "contextual": None},  # None: from keep_ratio or VisionZip's default
     "prumerge": {"mode": None, "neighbours": 32, "plus": False, "extra_token": True},  # mode None: from keep_ratio
 }
 # which towers each algorithm can reduce
-TOWERS = {"tome": ("vision",), "turbo": ("vision",), "crossget": ("vision", "text"), "fastv": ("llm",),
+TOWERS = {"tome": ("vision",), "turbo": ("vision", "text"), "crossget": ("vision", "text"), "fastv": ("llm",),
           "visionzip": ("vision",), "prumerge": ("vision",)}
 
 
@@ -66,6 +69,12 @@ class TokenReduceConfig(StageConfig):
     gamma: float | None = Field(None, ge=0.0, description="turbo: the merging layer where that scale peaks (default 0)")
     r_threshold: NonNegInt | None = Field(None, description="turbo: layers entered by fewer tokens merge nothing "
                                                             "(default 0)")
+    text_step: float | None = Field(None, ge=0.0, lt=1.0,
+                                    description="turbo, BLIP text: fraction of the image tokens dropped after each "
+                                                "text layer (default 0.07)")
+    text_min_keep: float | None = Field(None, gt=0.0, le=1.0,
+                                        description="turbo, BLIP text: fraction of the image tokens always kept "
+                                                    "(default 0.2)")
     layer: Annotated[int, Field(ge=1)] | None = Field(
         None, description="fastv: drop image tokens after this decoder layer K, ranked by layer K's attention (default 2)")
     dominant: NonNegInt | None = Field(None, description="visionzip: patches kept by CLS attention")
@@ -128,6 +137,18 @@ class TokenReduceConfig(StageConfig):
         return {k: getattr(self, k) for k in ALGORITHM_KNOBS.get(self.algorithm, {})}
 
 
+def cross_pruning_entry(model, tower, num_tokens: int, step: float, min_keep: float) -> dict[str, Any]:
+    """The checkpoint entry of Turbo's image-token pruning in a text encoder: `num_tokens` image tokens enter, the
+    counts after each layer follow `cross_attention_keep_counts`, except after the last layer (nothing reads them)."""
+    num_layers = len(model.get_submodule(tower.layers_path))
+    keep = cross_attention_keep_counts(num_tokens, num_layers, step, min_keep)[:num_layers - 1]
+    tokens = [*keep, keep[-1] if keep else num_tokens]
+    r = [a - b for a, b in zip([num_tokens, *tokens], tokens)]
+    return {"component": "text", "kind": CROSS_PRUNING, "layers_path": tower.layers_path,
+            "hook_path": tower.hook_path, "r": r, "requested_r": r, "class_token": True, "num_tokens": num_tokens,
+            "tokens_per_layer": tokens}
+
+
 class TokenReduceStage(Stage):
     """Token reduction inside encoder layers (ToMe, Turbo, CrossGET)."""
 
@@ -140,6 +161,14 @@ class TokenReduceStage(Stage):
             if component not in TOWERS[algorithm]:
                 raise VlmCompressError(f"token_reduce: algorithm {algorithm} reduces {', '.join(TOWERS[algorithm])} "
                                        f"tokens, not {component}; remove {component!r} from components")
+            if algorithm == "turbo" and component == "text":
+                tower = adapter.cross_attention_tower(model)
+                if tower is None:
+                    raise VlmCompressError(f"token_reduce: algorithm turbo reduces vision tokens, not text, on "
+                                           f"{adapter.family} (its text side prunes image tokens in BLIP's "
+                                           "cross-attention); use components: [vision]")
+                out.append((component, tower))
+                continue
             tower = adapter.vision_tower(model) if component == "vision" else adapter.text_tower(model)
             if tower is None:
                 raise VlmCompressError(f"token_reduce: the {adapter.family} adapter has no {component} tower that "
@@ -150,8 +179,11 @@ class TokenReduceStage(Stage):
 
     def schedule(self, model, adapter) -> list[dict[str, Any]]:
         cfg = self.config
-        result = []
+        result, cross = [], []
         for component, tower in self.towers(model, adapter):
+            if cfg.algorithm == "turbo" and component == "text":
+                cross.append(tower)  # after the vision tower: it reads the vision tower's output
+                continue
             num_layers = len(model.get_submodule(tower.layers_path))
             # protected tokens besides the cross token (which CrossGET adds and protects itself)
             protected = 2 if tower.text is not None else int(tower.class_token)
@@ -172,6 +204,10 @@ class TokenReduceStage(Stage):
             if tower.text is not None:
                 entry |= {"text": tower.text, "hook_path": tower.hook_path}
             result.append(entry)
+        for tower in cross:
+            vision = [e for e in result if e["component"] == "vision"]
+            n0 = vision[0]["tokens_per_layer"][-1] if vision else tower.num_tokens
+            result.append(cross_pruning_entry(model, tower, n0, cfg.text_step, cfg.text_min_keep))
         return result
 
     def check(self, model, adapter) -> None:
@@ -186,6 +222,10 @@ class TokenReduceStage(Stage):
         plan: dict[str, Any] = {"algorithm": self.config.algorithm}
         for s in self.schedule(model, adapter):
             n0 = s["num_tokens"]
+            if s.get("kind") == CROSS_PRUNING:
+                plan |= {"text_image_tokens": [n0, s["tokens_per_layer"][-1]],
+                         "text_image_tokens_per_layer": s["tokens_per_layer"]}
+                continue
             units = [u for u in adapter.attention_units(model) if u.component == s["component"]]
             mlps = [u for u in adapter.mlp_units(model) if u.component == s["component"]]
             tokens_in = [n0, *s["tokens_per_layer"][:-1]]
