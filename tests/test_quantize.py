@@ -146,6 +146,9 @@ def describe(model):
         if type(module).__name__ == "QuantizedLinear":
             full = module.in_features * module.out_features
             tensors = {n: (str(t.dtype), t.numel()) for n, t in module.named_buffers(recurse=False)}
+            impl = module._modules.get("impl")
+            if hasattr(impl, "unpacked"):  # a kernel that packed (and owns) the integer weights
+                tensors |= {"packed " + k: (str(t.dtype), t.numel()) for k, t in impl.unpacked().items()}
             dequantized = [n for n, t in [*module.named_parameters(), *module.named_buffers()]
                            if t.is_floating_point() and type(t) is torch.Tensor and t.numel() >= full]
             layers[name] = {"kind": "quantized", "tensors": tensors, "float_full_weight": dequantized}

@@ -148,6 +148,15 @@ class DynamicInt8Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.float())
         self.reduce_range = reduce_range
 
+    owns = ("weight.qdata",)  # the packed weight replaces these tensors (see `QuantizedLinear.build`)
+
+    def unpacked(self) -> dict[str, torch.Tensor]:
+        """The int8 weights back out of the packed format (exactly the tensors it was built from)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weight, _ = torch.ops.quantized.linear_unpack(self._packed)
+            return {"weight.qdata": weight.int_repr()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[..., in]` → `[..., out]`, computed in float32 and returned in the input dtype."""
         y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)
@@ -274,7 +283,10 @@ class QuantizedLinear(nn.Module):
 
     Modifications: the weight is stored as the backend's integer data, scales and zero points (buffers named after
     the flattened keys, e.g. `weight__qdata`); `forward` builds the kernel module (`impl`) on first use, around those
-    buffers, and calls it. `impl` is left out of `state_dict`, so saving writes only the buffers.
+    buffers, and calls it. `impl` is left out of `state_dict`, so saving writes only the buffers. A kernel that packs
+    the weights into its own format (torch's fbgemm / oneDNN int8) owns them afterwards: the buffers it lists in
+    `owns` are emptied, so the weights are held once, and recreated from the kernel (`unpacked`) to save, move or
+    reload the layer.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: dict[str, Any], tensors: dict[str, list],
@@ -286,18 +298,45 @@ class QuantizedLinear(nn.Module):
         self.keys = list(tensors)
         for key, (shape, tdtype) in tensors.items():
             self.register_buffer(buffer_name(key), torch.empty(tuple(shape), dtype=_dtype(tdtype), device=device))
+        self._released = False
         self._register_state_dict_hook(_drop_impl_keys)
         self.register_load_state_dict_post_hook(_ignore_impl_missing)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, buffer_name(key)) for key in self.keys}
+        out = {key: getattr(self, buffer_name(key)) for key in self.keys}
+        if self._released:
+            out |= self._modules["impl"].unpacked()
+        return out
 
     def build(self) -> nn.Module:
         """(Re)build the kernel module from the current buffers."""
-        self._modules.pop("impl", None)
+        self._restore()
         impl = _BUILDERS[self.scheme["backend"]](self)
         self._modules["impl"] = impl
+        if hasattr(impl, "unpacked"):
+            for key in impl.owns:
+                name = buffer_name(key)
+                self._buffers[name] = self._buffers[name].new_empty(0)
+            self._released = True
         return impl
+
+    def _restore(self) -> None:
+        """Put the tensors a packing kernel owns back into the buffers, and drop the kernel."""
+        if self._released:
+            for key, t in self._modules["impl"].unpacked().items():
+                self._buffers[buffer_name(key)] = t.to(self._buffers[buffer_name(key)].device)
+            self._released = False
+        self._modules.pop("impl", None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released:
+            for key, t in self._modules["impl"].unpacked().items():
+                destination[prefix + buffer_name(key)] = t
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._restore()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self._modules.get("impl")
@@ -307,7 +346,7 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # moving / casting replaces the buffers; the kernel module is rebuilt around the new ones on next use
-        self._modules.pop("impl", None)
+        self._restore()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
