@@ -12,7 +12,7 @@ as the in-process reference.
 Accuracy (`--accuracy`): shapes-clip on the shapes test split (5,000 pairs, folds of 1,000), recall@1 of the
 PyTorch model and of the ONNX Runtime fp32 and int8 exports, through the same evaluation code.
 
-    flock /tmp/vlmc-bench.lock .venv/bin/python benchmarks/bench_onnx.py --rounds 5 --accuracy \
+    flock /tmp/vlmc-bench.lock .venv/bin/python benchmarks/bench_onnx.py --rounds 5 --accuracy --threads 2 \
         --json benchmarks/results/onnx_runtime.json
 """
 
@@ -147,8 +147,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--accuracy", action="store_true", help="also shapes-clip recall@1 (5,000 test pairs)")
     parser.add_argument("--size", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # ONNX Runtime sessions are opened with torch's thread count
     machine = machine_info(torch.device("cpu"))
     import onnxruntime
 
