@@ -767,3 +767,37 @@ def quantize_stage(ctx, config) -> dict[str, Any]:
                      "are what was quantized" + ("; accuracy and speed after this stage are ONNX Runtime's"
                                                  if ctx.deployed is not None else
                                                  "; LLaVA's language model is not exported"))}
+
+
+def plan_stage(model: nn.Module, adapter, config) -> dict[str, Any]:
+    """What `quantize: {backend: onnxruntime}` would export and quantize, from shapes only (`validate`, dry runs).
+
+    Linear layers are counted per component as the stage would select them (exact names and `re:` selectors of
+    `ignore`); the dual encoders' projections sit outside the components and stay fp32 in the graphs anyway.
+    """
+    family = adapter.family
+    if family not in FAMILIES:
+        raise UnsupportedModelError(f"the onnxruntime backend exports {', '.join(FAMILIES)} models; this one is a "
+                                    f"{family} model")
+    scheme = "int8_dynamic" if config.scheme == "int8" else config.scheme
+    overrides = {c: ("int8_dynamic" if s == "int8" else s) for c, s in (config.overrides or {}).items()}
+    graphs = {"image_encoder": ("vision", "projector")} if family == "llava" else {"image_encoder": ("vision",),
+                                                                                  "text_encoder": ("text",)}
+    components = adapter.components(model)
+    plan: dict[str, Any] = {"backend": "onnxruntime", "scheme": scheme, "graphs": {}, "int8 linear layers": {}}
+    for name, owned in graphs.items():
+        chosen = [c for c in owned if (config.components is None or c in config.components)
+                  and overrides.get(c, scheme) not in ("none", "fp32")]
+        plan["graphs"][name] = f"{'int8_dynamic' if chosen else 'fp32'} ({'+'.join(owned)})"
+        for component in chosen:
+            path = adapter.component_paths[component]
+            count = 0
+            for sub, module in components[component].named_modules():
+                parts = f"{path}.{sub}".split(".") if sub else path.split(".")
+                names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+                if type(module) is nn.Linear and not any(_match(s, n) for s in config.ignore for n in names):
+                    count += 1
+            plan["int8 linear layers"][component] = count
+    if family == "llava":
+        plan["not exported"] = "llm (stays in the PyTorch checkpoint)"
+    return plan

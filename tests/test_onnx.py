@@ -188,6 +188,22 @@ def test_ignore_and_overrides_keep_layers_fp32(clip_tome, tmp_path):
     assert vx._graph_scheme(graph, "int8_dynamic", None, {"text": "none"}) == "int8_dynamic"
 
 
+def test_plan_from_shapes_only():
+    from vlmcompress.stages.quantize import QuantizeConfig
+
+    adapter = BUILTIN_TINY["tiny-clip"]
+    with torch.device("meta"):
+        model = adapter.tiny_model()
+    config = QuantizeConfig(method="quantize", backend="onnxruntime", overrides={"text": "none"},
+                            ignore=["re:.*mlp\\.fc2"])
+    plan = vx.plan_stage(model, adapter, config)
+    assert plan["graphs"] == {"image_encoder": "int8_dynamic (vision)", "text_encoder": "fp32 (text)"}
+    assert plan["int8 linear layers"] == {"vision": 2 * 6 - 2}  # q, k, v, out, fc1, fc2 per layer, minus the fc2s
+    llava = vx.plan_stage(BUILTIN_TINY["tiny-llava"].tiny_model(), BUILTIN_TINY["tiny-llava"],
+                          QuantizeConfig(method="quantize", backend="onnxruntime"))
+    assert llava["int8 linear layers"] == {"vision": 12, "projector": 2} and "llm" in llava["not exported"]
+
+
 def test_stage_writes_fp32_checkpoint_and_onnx_folder(shapes_out):
     out, model = shapes_out
     spec = json.loads((out / "onnx" / "config.json").read_text())

@@ -321,7 +321,9 @@ class QuantizeStage(Stage):
 
     def plan(self, model, adapter) -> dict[str, Any]:
         if self.config.backend == "onnxruntime":
-            return {"backend": "onnxruntime"}
+            from ..integrations.onnx import plan_stage
+
+            return plan_stage(model, adapter, self.config)
         layers, schemes = plan_modules(model, adapter, self.config)
         per_component = {c: sum(1 for v in layers.values() if v == c) for c in schemes}
         return {"backend": self.config.backend, "schemes": schemes, "layers": per_component,
