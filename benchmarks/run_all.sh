@@ -9,3 +9,5 @@ export HF_HUB_OFFLINE=1
 .venv/bin/vlmcompress eval shapes-llava --size 2000 --json > benchmarks/results/eval_shapes_llava.json
 .venv/bin/vlmcompress apply recipes/quickstart.yaml --overwrite
 .venv/bin/vlmcompress bench shapes-clip --against out/shapes-clip-compressed --batch-sizes 1,32 --json > benchmarks/results/bench_quickstart.json
+flock /tmp/vlmc-bench.lock .venv/bin/python benchmarks/bench_onnx.py --rounds 5 --threads 1 --json benchmarks/results/onnx_runtime_1thread.json
+flock /tmp/vlmc-bench.lock .venv/bin/python benchmarks/bench_onnx.py --rounds 5 --threads 2 --accuracy --json benchmarks/results/onnx_runtime_2threads.json
