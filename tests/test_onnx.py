@@ -218,6 +218,8 @@ def test_stage_writes_fp32_checkpoint_and_onnx_folder(shapes_out):
     with torch.no_grad():
         for a, b in zip(teacher(**inputs)[:4], loaded(**inputs)[:4]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    card = (out / "README.md").read_text()
+    assert "## ONNX Runtime" in card and "`onnx/image_encoder.onnx` | int8_dynamic" in card
     report = json.loads((out / "report.json").read_text())
     details = report["stages"][0]["details"]
     assert details["backend"] == "onnxruntime" and details["resolved_scheme"] == "int8_dynamic"
