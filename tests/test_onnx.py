@@ -376,3 +376,32 @@ def test_turbo_exports_like_tome(tmp_path):
     result = vx.export(model, adapter, tmp_path / "onnx", keep_fp32=True)
     _check_graphs(model, result, adapter)
     assert result.config["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
+
+
+def test_resume_after_the_export_keeps_the_onnx_folder(tmp_path, monkeypatch):
+    """A crash while writing the output folder, after the quantize stage's checkpoint: --resume rebuilds the output
+    from that stage checkpoint, onnx/ included, without exporting again."""
+    from vlmcompress import orchestrator
+
+    out = tmp_path / "out"
+    recipe = {"model": "tiny-clip", "output": str(out),
+              "stages": [{"method": "token_reduce", "r": 8}, {"method": "quantize", "backend": "onnxruntime"}]}
+    real_save = orchestrator.save_checkpoint
+
+    def crash_on_final_save(model, folder, **kwargs):
+        if kwargs.get("report") is not None:  # the output folder (stage checkpoints carry no report)
+            raise KeyboardInterrupt
+        return real_save(model, folder, **kwargs)
+
+    monkeypatch.setattr(orchestrator, "save_checkpoint", crash_on_final_save)
+    with pytest.raises(KeyboardInterrupt):
+        vlmcompress.apply(recipe, progress=False)
+    stage = orchestrator.work_dir_for(out) / "stage-02"
+    exported = (stage / "onnx" / "image_encoder.onnx").read_bytes()
+    assert not out.exists()
+    monkeypatch.setattr(orchestrator, "save_checkpoint", real_save)
+    monkeypatch.setattr(vx, "export", lambda *a, **k: pytest.fail("resume must not export again"))
+    vlmcompress.apply(recipe, resume=True, progress=False)
+    assert (out / "onnx" / "image_encoder.onnx").read_bytes() == exported
+    assert not orchestrator.work_dir_for(out).exists()
+    assert vx.load_onnx(out / "onnx").spec["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
