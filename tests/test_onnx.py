@@ -378,6 +378,7 @@ def test_turbo_exports_like_tome(tmp_path):
     assert result.config["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
 
 
+@pytest.mark.slow
 def test_resume_after_the_export_keeps_the_onnx_folder(tmp_path, monkeypatch):
     """A crash while writing the output folder, after the quantize stage's checkpoint: --resume rebuilds the output
     from that stage checkpoint, onnx/ included, without exporting again."""
@@ -385,7 +386,8 @@ def test_resume_after_the_export_keeps_the_onnx_folder(tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     recipe = {"model": "tiny-clip", "output": str(out),
-              "stages": [{"method": "token_reduce", "r": 8}, {"method": "quantize", "backend": "onnxruntime"}]}
+              "stages": [{"method": "token_reduce", "r": 8},
+                         {"method": "quantize", "backend": "onnxruntime", "scheme": "fp32"}]}
     real_save = orchestrator.save_checkpoint
 
     def crash_on_final_save(model, folder, **kwargs):
