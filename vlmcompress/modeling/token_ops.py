@@ -561,9 +561,11 @@ def visionzip_merge(
     if contextual > 0:
         remaining = rest.shape[1]
         step = max(1, remaining // contextual)
-        is_anchor = torch.zeros(remaining, dtype=torch.bool, device=rest.device)
-        is_anchor[: step * contextual : step] = True
-        anchors, others = rest[:, is_anchor], rest[:, ~is_anchor]
+        # index lists built from shapes only (no boolean-mask indexing), so the graph has static shapes for export
+        anchor_idx = list(range(0, step * contextual, step))
+        other_idx = [i for i in range(remaining) if i % step or i >= step * contextual]
+        anchors = rest[:, torch.tensor(anchor_idx, device=rest.device)]
+        others = rest[:, torch.tensor(other_idx, dtype=torch.long, device=rest.device)]
         x_anchor = gather_tokens(hidden_states, anchors).float()
         sums = x_anchor
         counts = torch.ones(batch_size, contextual, 1, device=hidden_states.device)
