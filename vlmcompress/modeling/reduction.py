@@ -276,7 +276,9 @@ def reduce_crossget(layer, x, internals: AttentionInternals, state: ReductionSta
         group = (~state.valid).long()
         # padding carries nothing: merge it (among itself) before any text token
         importance = importance.masked_fill(~state.valid, -1e4)
-    matched = complete_graph_soft_matching(keys, importance, r, protected=protected, group=group)
+    num_protected = 3 if state.text is not None else 1 + int(state.class_token)
+    matched = complete_graph_soft_matching(keys, importance, r, protected=protected, group=group,
+                                           num_protected=num_protected)
     if matched is None:
         return x
     merge, kept, old_to_new = matched

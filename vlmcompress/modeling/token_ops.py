@@ -199,6 +199,7 @@ def complete_graph_soft_matching(
     r: int,
     protected: torch.Tensor | None = None,
     group: torch.Tensor | None = None,
+    num_protected: int | None = None,
 ) -> tuple[Callable, torch.Tensor, torch.Tensor] | None:
     """
     CrossGET's complete-graph soft matching with cross-guided importance and weighted ensemble.
@@ -218,6 +219,8 @@ def complete_graph_soft_matching(
             merged and never receive others (class / cross / end-of-text tokens).
         group (`torch.Tensor` of shape `(batch_size, num_tokens)`, int, *optional*): tokens only merge within their
             group (e.g. real tokens vs padding).
+        num_protected (`int`, *optional*): the most protected tokens in a row, when the caller knows it (saves reading
+            it from `protected`, which would make the token count data-dependent for `torch.export`).
 
     Returns:
         `None` when nothing is merged, else `(merge, kept, old_to_new)`:
@@ -229,7 +232,8 @@ def complete_graph_soft_matching(
         - `old_to_new`: `(batch_size, num_tokens)` index in the merged sequence that each input token ends up in.
     """
     batch_size, num_tokens, _ = metric.shape
-    num_protected = int(protected.sum(dim=-1).max()) if protected is not None else 0
+    if num_protected is None:
+        num_protected = int(protected.sum(dim=-1).max()) if protected is not None else 0
     r = min(r, (num_tokens - num_protected) // 2)
     if r <= 0:
         return None
@@ -267,7 +271,8 @@ def complete_graph_soft_matching(
         dst = torch.where(stuck, fallback, to_survivor).argmax(dim=-1)  # [B, r]
 
         weights = torch.stack([importance.gather(1, src), importance.gather(1, dst)], dim=-1).float().softmax(-1)
-        kept = survivor.nonzero()[:, 1].view(batch_size, num_tokens - r)  # ascending per row
+        # survivors' indices, ascending per row (a sort rather than nonzero() keeps the shape static for export)
+        kept = survivor.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :num_tokens - r].sort(-1).values
         new_index = torch.zeros(batch_size, num_tokens, dtype=torch.long, device=metric.device)
         new_index.scatter_(1, kept, torch.arange(num_tokens - r, device=metric.device).expand(batch_size, -1))
         old_to_new = new_index.scatter(1, src, new_index.gather(1, dst))
