@@ -31,7 +31,7 @@ def r_for_half_flops(algorithm: str) -> tuple[int, float]:
     pixels = torch.randn(1, 3, 224, 224)
     full = flops(build([]), pixels)
     best = None
-    for r in range(10, 24):
+    for r in range(14, 22):
         fraction = flops(build([{"method": "token_reduce", "algorithm": algorithm, "r": r}]), pixels) / full
         if best is None or abs(fraction - 0.5) < abs(best[1] - 0.5):
             best = (r, fraction)
