@@ -11,7 +11,6 @@ image plus a 32-token prompt, and 16 greedy decode steps.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import vlmcompress
 from vlmcompress.bench import benchmark
+from common import write_json
 
 
 def llava_shaped() -> LlavaForConditionalGeneration:
@@ -50,11 +50,7 @@ def main() -> None:
         results = benchmark(str(base_dir), against=str(tome_dir), batch_sizes=(1,), repeats=args.repeats,
                             progress=False)
     results["setup"] = {"tome_r": args.r, "vision": "ViT-B/16, 197 tokens", "llm": "Llama 12 x 768, GQA 12/4"}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -28,23 +28,14 @@ from pathlib import Path
 
 import torch
 from torch.utils import benchmark as torch_benchmark
-from transformers import CLIPConfig, CLIPModel
 
 import vlmcompress
 from vlmcompress.adapters import adapter_for
 from vlmcompress.bench import EXPORT_WORKLOADS, _calls_per_measurement, machine_info, peak_memory_mb
 from vlmcompress.models import load_model
+from common import vit_b16_clip, write_json
 
 TOME = {"method": "token_reduce", "algorithm": "tome", "r": 16}
-
-
-def vit_b16_clip() -> CLIPModel:
-    torch.manual_seed(0)
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  image_size=224, patch_size=16)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                bos_token_id=1, eos_token_id=3, pad_token_id=0)
-    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512)).eval()
 
 
 def export(root: Path, name: str, stages: list[dict]) -> tuple[Path, float]:
@@ -172,11 +163,7 @@ def main() -> None:
         results["machine"]["load_average_1m_after"] = round(__import__("os").getloadavg()[0], 2)
         if args.accuracy:
             results["shapes_clip_accuracy"] = accuracy(Path(tmp), args.size)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the count keeps falling.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import vlmcompress
 from vlmcompress.evaluate import evaluate_dual_encoder, shapes_eval_rows
 from vlmcompress.models import load_model
+from common import write_json
 
 
 class DropAfterLayer:
@@ -76,11 +76,7 @@ def main() -> None:
                                  model=fresh, save=False, progress=False)
         tokens = tome.vlmcompress_report["tokens_per_layer"]["vision"]
         record(f"tome_r{schedule}", tome, tokens)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from vlmcompress.adapters import adapter_for
 from vlmcompress.bench import count_gflops, prompt_ids
 from vlmcompress.evaluate import evaluate_dual_encoder, evaluate_vqa, shapes_eval_rows
 from vlmcompress.models import load_model
+from common import write_json
 
 ALGORITHMS = ("tome", "turbo", "crossget")
 
@@ -105,11 +106,7 @@ def main() -> None:
                      "tokens_per_layer": m.vlmcompress_report["tokens_per_layer"]["vision"]} | evaluate(m)
             results["runs"].append(entry)
             print(json.dumps(entry), flush=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

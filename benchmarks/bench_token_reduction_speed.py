@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_vit_tome_prune import build, encode, flops, measure, write
+from bench_vit_tome_prune import build, encode, flops, measure
+from common import write_json
 
 from vlmcompress.modeling import reduction
 
@@ -81,7 +82,7 @@ def main() -> None:
         entry["r"], entry["flops_fraction"] = r, round(fraction, 4)
         entry["reduce_share_of_forward"] = round(
             reduction_share(models[f"{algorithm}_r{r}"], algorithm, max(batch_sizes), args.rounds), 4)
-    write(results, args.json)
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import torch
 from torch.utils import benchmark
-from transformers import CLIPConfig, CLIPModel
 
 import vlmcompress
+from common import vit_b16_clip, write_json
 from vlmcompress.bench import count_gflops
 
 VARIANTS = {
@@ -32,15 +31,6 @@ VARIANTS = {
     "prune_50+tome_r16": [{"method": "structured_prune", "ratio": {"vision": 0.5}},
                           {"method": "token_reduce", "algorithm": "tome", "r": 16}],
 }
-
-
-def vit_b16_clip() -> CLIPModel:
-    torch.manual_seed(0)
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  image_size=224, patch_size=16)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                bos_token_id=1, eos_token_id=3, pad_token_id=0)
-    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512)).eval()
 
 
 def build(stages) -> torch.nn.Module:
@@ -98,14 +88,6 @@ def measure(models: dict[str, torch.nn.Module], batch_sizes: list[int], rounds: 
     return results
 
 
-def write(results: dict, path: Path | None) -> None:
-    text = json.dumps(results, indent=2)
-    print(text)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", default="1,8")
@@ -113,7 +95,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     models = {name: build(stages) for name, stages in VARIANTS.items()}
-    write(measure(models, [int(b) for b in args.batch_sizes.split(",")], args.rounds), args.json)
+    write_json(measure(models, [int(b) for b in args.batch_sizes.split(",")], args.rounds), args.json)
 
 
 if __name__ == "__main__":
