@@ -48,10 +48,14 @@ class ReductionState:
     valid: torch.Tensor | None = None  # [B, N] bool: not padding (text towers)
     eot: torch.Tensor | None = None  # [B, N] bool: the end-of-text token (text towers)
     old_to_new: torch.Tensor | None = None  # [B, N0] current index of every input token (order-preserving towers)
+    # [B, N'] input-token index each token stands at after a single-point reduction (VisionZip / PruMerge), for
+    # LLaVA to give the kept image tokens their original position ids
+    source_index: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.size, self.source, self.tokens, self.merging_layers = None, None, [], 0
         self.cross, self.valid, self.eot, self.old_to_new = None, None, None, None
+        self.source_index = None
 
 
 @dataclass
