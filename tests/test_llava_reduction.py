@@ -374,13 +374,15 @@ def test_tokens_per_layer_follow_the_schedule(reduced):
     assert fastv.model._vlmc_fastv.image_tokens == [16, 16]
     _, vz = reduced["visionzip"]
     assert vz.vlmcompress_report["tokens_per_layer"] == {"vision": [65, 33, 33]}
-    assert vz.config.token_reduction["options"] == {"layer": 0, "dominant": 27, "contextual": 5}
+    assert vz.config.token_reduction["options"] == {"layer": 0, "dominant": 27, "contextual": 5,
+                                                    "keep_positions": False}
     assert layer_tokens(vz, VISION_LAYERS, lambda: vz(**inputs)) == [33, 33]
     assert layer_tokens(vz, LLM_LAYERS, lambda: vz(**inputs)) == [6 + 32, 6 + 32]  # CLS dropped ("default")
     _, pm = reduced["prumerge_fixed"]
     # 30% of 64 patches = 19 tokens: 18 selected (5 outliers + stride points) + the extra token
-    assert pm.config.token_reduction["options"] | {} == {"layer": 0, "mode": "fixed", "neighbours": 32, "plus": True,
-                                                          "extra_token": True, "selected": 18, "outliers": 5}
+    assert pm.config.token_reduction["options"] == {"layer": 0, "mode": "fixed", "neighbours": 32, "plus": True,
+                                                    "extra_token": True, "selected": 18, "outliers": 5,
+                                                    "keep_positions": False}
     assert layer_tokens(pm, VISION_LAYERS, lambda: pm(**inputs)) == [20, 20]
 
 
@@ -577,3 +579,81 @@ def test_fastv_prefill_equals_a_layer_by_layer_reference():
     assert logits.shape == expected.shape == (2, ids.shape[1] - 48, 100)
     real = valid  # rows' padded positions differ in how they attend; compare real tokens only
     torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# keep_positions: the kept image tokens keep their original position ids
+
+
+def test_kept_placeholder_mask_with_two_images_per_row_and_adjacent_runs():
+    from vlmcompress.modeling.llava_reduction import kept_placeholder_mask
+
+    p = 9  # placeholder id; runs of 4
+    ids = torch.tensor([[0, 1, p, p, p, p, p, p, p, p, 2],
+                        [1, p, p, p, p, 3, p, p, p, p, 2]])
+    offsets = torch.tensor([[0, 2], [1, 3], [0, 1], [2, 3]])  # images in row-major order of the runs
+    got = kept_placeholder_mask(ids, p, 4, offsets)
+    expected = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1],
+                             [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="2 images were encoded"):
+        kept_placeholder_mask(ids, p, 4, offsets[:2])
+
+
+def test_keep_positions_equals_masking_the_dropped_tokens_in_the_stock_model(tmp_path):
+    """PruMerge without merging (no neighbours, no extra token) and with keep_positions keeps a subset of the image
+    tokens at their places: the same as the unreduced model with the dropped placeholders masked out."""
+    import vlmcompress
+
+    stage = {"method": "token_reduce", "algorithm": "prumerge", "mode": "fixed", "keep_ratio": 0.25,
+             "neighbours": 0, "extra_token": False, "keep_positions": True}
+    model = vlmcompress.apply({"model": "tiny-llava", "output": str(tmp_path / "out"), "stages": [stage]},
+                              progress=False)
+    stock = tiny().tiny_model(0)
+    batch, _ = padded_batch(seed=4)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1]
+        state = model.model.vision_tower.encoder._vlmc_state
+        patches = state.source_index[:, 1:] - 1  # kept patches of each image (CLS dropped)
+        assert patches.shape == (2, 16) and (patches.diff(dim=1) > 0).all()
+        mask = batch["attention_mask"].clone()
+        image = batch["input_ids"] == IMAGE_ID
+        for b in range(2):
+            dropped = torch.ones(64, dtype=torch.bool)
+            dropped[patches[b]] = False
+            mask[b, image[b].nonzero()[:, 0][dropped]] = 0
+        positions = torch.arange(batch["input_ids"].shape[1]).expand(2, -1)
+        expected = stock(**(batch | {"attention_mask": mask}), position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    # without keep_positions the same tokens close their gaps, which changes the outputs
+    closed = vlmcompress.apply({"model": "tiny-llava", "output": str(tmp_path / "closed"),
+                                "stages": [stage | {"keep_positions": False}]}, progress=False)
+    with torch.no_grad():
+        assert (closed(**batch).logits[:, -1] - logits).abs().max() > 1e-4  # float noise is ~1e-7
+
+
+@pytest.mark.parametrize("stage", [
+    {"algorithm": "visionzip", "keep_ratio": 0.5, "keep_positions": True},
+    {"algorithm": "prumerge", "keep_positions": True},
+])
+def test_keep_positions_batched_equals_alone_and_reloads(stage, tmp_path):
+    import vlmcompress
+
+    folder = tmp_path / "out"
+    model = vlmcompress.apply({"model": "tiny-llava", "output": str(folder),
+                               "stages": [{"method": "token_reduce", **stage}]}, progress=False)
+    assert model.config.token_reduction["options"]["keep_positions"] is True
+    batch, singles = padded_batch(seed=5)
+    kwargs = dict(max_new_tokens=3, do_sample=False, eos_token_id=[], output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        together = model.generate(**batch, **kwargs)
+        assert torch.equal(together.sequences[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+        if stage["algorithm"] == "visionzip":  # PruMerge's adaptive count depends on the batch
+            for i, single in enumerate(singles):
+                alone = model.generate(**single, **kwargs)
+                assert torch.equal(together.sequences[i, -3:], alone.sequences[0, -3:])
+                torch.testing.assert_close(together.logits[0][i], alone.logits[0][0], atol=2e-5, rtol=1e-4)
+        loaded = vlmcompress.load(folder)
+        again = loaded.generate(**batch, **kwargs)
+    assert torch.equal(again.sequences, together.sequences)
+    torch.testing.assert_close(again.logits[0], together.logits[0])

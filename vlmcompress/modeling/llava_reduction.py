@@ -272,7 +272,8 @@ def reduce_visionzip(layer, x, internals: AttentionInternals, state: ReductionSt
     if len(state.tokens) != o["layer"]:  # state.tokens holds one entry per layer already run in this forward
         return x
     cls, keys = _feature_layer_internals(layer, internals, state)
-    return visionzip_merge(x, cls, keys.mean(dim=1), o["dominant"], o["contextual"])
+    x, source = visionzip_merge(x, cls, keys.mean(dim=1), o["dominant"], o["contextual"], return_source=True)
+    return _place(x, source, state)
 
 
 def reduce_prumerge(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
@@ -289,9 +290,46 @@ def reduce_prumerge(layer, x, internals: AttentionInternals, state: ReductionSta
         total = min(n - 1, 4 * outliers) if o["plus"] else outliers  # PruMerge+: about 3 stride points per outlier
     else:
         outliers, total = o["outliers"], o["selected"]
+    if o.get("keep_positions") and o["extra_token"]:
+        # the extra token needs a free position: at least one patch must be dropped
+        outliers, total = min(outliers, n - 2), min(total, n - 2)
     keep = prumerge_keep_index(attn, outliers, total)
     full_keys = keys.transpose(1, 2).reshape(b, n, -1)  # PruMerge compares full-width keys
-    return prumerge_merge(x, cls, full_keys, keep, o["neighbours"], o["extra_token"])
+    x = prumerge_merge(x, cls, full_keys, keep, o["neighbours"], o["extra_token"])
+    source = [torch.zeros_like(keep[:, :1]), keep + 1]
+    if o["extra_token"]:  # it sums the dropped patches: it stands where the first dropped patch stood
+        dropped = torch.ones_like(attn, dtype=torch.int8).scatter(1, keep, 0)
+        source.append(dropped.argmax(dim=1, keepdim=True) + 1)
+    return _place(x, torch.cat(source, dim=1), state)
+
+
+def _place(x: torch.Tensor, source: torch.Tensor, state: ReductionState) -> torch.Tensor:
+    """Record where each token stands (`state.source_index`); with `keep_positions`, order the tokens by it, so that
+    LLaVA can hand them to the language model at their original positions (in order)."""
+    if state.options.get("keep_positions"):
+        order = source.argsort(dim=1)
+        x, source = gather_tokens(x, order), source.gather(1, order)
+    state.source_index = source
+    return x
+
+
+def kept_placeholder_mask(input_ids: torch.Tensor, token_id: int, full: int, offsets: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` bool: True for every non-placeholder token and for the placeholders whose offset in their image's run
+    is among that image's kept `offsets` (`[num_images, k]`, images in the row-major order of the runs), so that
+    selecting with it shortens a processor's prompt to the reduced image tokens at their original places.
+
+    Runs hold `full` placeholders each (adjacent images' runs are told apart by counting).
+    """
+    is_placeholder = input_ids == token_id
+    seen = is_placeholder.long().cumsum(dim=1)
+    before_run = torch.cummax(torch.where(is_placeholder, torch.zeros_like(seen), seen), dim=1).values
+    index = ((seen - before_run - 1) % full).clamp_min(0)
+    run_id = (is_placeholder & (index == 0)).flatten().long().cumsum(0).view_as(input_ids) - 1
+    if int(run_id.max()) + 1 != offsets.shape[0]:
+        raise ValueError(f"the prompt holds {int(run_id.max()) + 1} image placeholder runs but {offsets.shape[0]} "
+                         "images were encoded")
+    table = torch.zeros(offsets.shape[0], full, dtype=torch.bool, device=input_ids.device).scatter(1, offsets, True)
+    return ~is_placeholder | table[run_id.clamp_min(0), index]
 
 
 register_reducer(Reducer("visionzip", reduce_visionzip, cls_attention=True, after_mlp=True))

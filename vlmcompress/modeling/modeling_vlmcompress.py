@@ -14,7 +14,7 @@ from transformers import (Blip2ForConditionalGeneration, BlipForImageTextRetriev
 
 from .configuration_vlmcompress import (VlmcBlip2Config, VlmcBlipConfig, VlmcCLIPConfig, VlmcLlavaConfig,
                                         VlmcSiglipConfig)
-from .llava_reduction import LLAVA_LLM_ALGORITHMS, apply_llm_reduction
+from .llava_reduction import LLAVA_LLM_ALGORITHMS, apply_llm_reduction, kept_placeholder_mask
 from .quantized import apply_quantization
 from .reduction import apply_token_reduction, shrink_placeholder_runs
 from .shapes import apply_shape_record, patch_fused_attention
@@ -90,7 +90,9 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     Modifications: `forward` and `generate` shorten each run of image placeholders written by the processor to the
     number of tokens the reduced vision tower produces, so prompts built by the saved processor keep working. When
     that number depends on the images (`token_reduction.data_dependent`, PruMerge's adaptive mode), the vision tower
-    runs first and the placeholders shrink to the count it returned. With FastV (image tokens dropped inside the
+    runs first and the placeholders shrink to the count it returned. With `keep_positions` (VisionZip / PruMerge)
+    the vision tower also runs first, and the prompt keeps the placeholders of the kept image tokens, so that they
+    and the text after them keep the position ids of the full prompt. With FastV (image tokens dropped inside the
     language model), logits cover the kept positions only and `labels` are gathered to match.
     """
 
@@ -120,15 +122,36 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
         return {"image": image}, int(image.pooler_output[0].shape[0])
 
+    def _keep_positions(self) -> bool:
+        return bool(((getattr(self.config, "token_reduction", None) or {}).get("options") or {}).get("keep_positions"))
+
+    def _kept_mask(self, input_ids):
+        """`[B, L]` bool over a full prompt: text and the placeholders of the image tokens the vision tower kept."""
+        tower = self.config.token_reduction["towers"][0]
+        state = self.get_submodule(tower["layers_path"].rpartition(".")[0])._vlmc_state
+        source = state.source_index  # [images, tokens] ascending, 0 = CLS
+        full, _ = llava_image_token_counts(self.config)
+        offsets = source[:, 1:] - 1 if self.config.vision_feature_select_strategy == "default" else source
+        return kept_placeholder_mask(input_ids, self.config.image_token_id, full, offsets)
+
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
                 **kwargs):
         if pixel_values is not None:
             keep = None
-            if self._data_dependent():
+            if self._data_dependent() or self._keep_positions():
                 kwargs["mm_encoder_outputs"], keep = self._encode_images(pixel_values, kwargs)
                 pixel_values = None
-            input_ids, attention_mask, position_ids, labels = self._shrink(input_ids, attention_mask, position_ids,
-                                                                           labels, keep=keep)
+            if self._keep_positions() and input_ids is not None:
+                kept = self._kept_mask(input_ids)
+                if position_ids is None:  # what the stock forward would use for the full prompt
+                    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+                b = input_ids.shape[0]
+                input_ids, attention_mask, position_ids, labels = (
+                    None if t is None else t[kept].view(b, -1, *t.shape[2:])
+                    for t in (input_ids, attention_mask, position_ids, labels))
+            else:
+                input_ids, attention_mask, position_ids, labels = self._shrink(input_ids, attention_mask,
+                                                                               position_ids, labels, keep=keep)
         fastv = getattr(self.model, "_vlmc_fastv", None)
         if fastv is None or labels is None:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
@@ -145,7 +168,17 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         placeholder runs), so `out[:, prompt_length:]` is the generated text as with the stock model."""
         prompt = kwargs.pop("input_ids", inputs)
         input_ids = prompt
-        if kwargs.get("pixel_values") is not None:
+        if kwargs.get("pixel_values") is not None and self._keep_positions() and prompt is not None:
+            kwargs["mm_encoder_outputs"], _ = self._encode_images(kwargs.pop("pixel_values"), kwargs)
+            kept = self._kept_mask(prompt)
+            b = prompt.shape[0]
+            mask = kwargs.get("attention_mask")
+            mask = torch.ones_like(prompt) if mask is None else mask
+            if kwargs.get("position_ids") is None:  # generate's rule, applied to the full prompt
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            kwargs["position_ids"] = kwargs["position_ids"].expand_as(prompt)[kept].view(b, -1)
+            input_ids, kwargs["attention_mask"] = prompt[kept].view(b, -1), mask[kept].view(b, -1)
+        elif kwargs.get("pixel_values") is not None:
             keep = None
             if self._data_dependent():
                 kwargs["mm_encoder_outputs"], keep = self._encode_images(kwargs.pop("pixel_values"), kwargs)

@@ -528,8 +528,13 @@ def fastv_keep_index(scores: torch.Tensor, image_mask: torch.Tensor, num_keep: i
 
 
 def visionzip_merge(
-    hidden_states: torch.Tensor, cls_attention: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int
-) -> torch.Tensor:
+    hidden_states: torch.Tensor,
+    cls_attention: torch.Tensor,
+    metric: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    return_source: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """
     VisionZip: keep the class token, the `dominant` patches the class token attends to most, and `contextual` tokens
     that each average a group of the remaining patches grouped by similarity.
@@ -548,6 +553,9 @@ def visionzip_merge(
             Similarity features (the layer's keys averaged over heads).
         dominant (`int`), contextual (`int`):
             Counts, clamped to `0 <= dominant <= num_tokens - 1` and `0 <= contextual <= num_tokens - 1 - dominant`.
+        return_source (`bool`, *optional*, defaults to `False`):
+            Also return where each output token stands in the input: `(batch_size, 1 + dominant + contextual)`, long
+            (0 for the class token, a contextual token at its anchor's index).
 
     Returns:
         `torch.Tensor` of shape `(batch_size, 1 + dominant + contextual, dim)`: `[class token, dominant patches in
@@ -563,6 +571,7 @@ def visionzip_merge(
         dom = order[:, :dominant].sort(dim=1).values
         rest = order[:, dominant:].sort(dim=1).values  # [B, R] positions of the other patches, original order
     parts = [hidden_states[:, :1], gather_tokens(hidden_states, dom)]
+    source = [torch.zeros_like(dom[:, :1]), dom]
     if contextual > 0:
         remaining = rest.shape[1]
         step = max(1, remaining // contextual)
@@ -583,7 +592,9 @@ def visionzip_merge(
             sums = sums.scatter_add(1, assign.expand(-1, -1, dim), x_other)
             counts = counts.scatter_add(1, assign, torch.ones_like(assign, dtype=counts.dtype))
         parts.append((sums / counts).to(hidden_states.dtype))
-    return torch.cat(parts, dim=1)
+        source.append(anchors)
+    out = torch.cat(parts, dim=1)
+    return (out, torch.cat(source, dim=1)) if return_source else out
 
 
 def iqr_outlier_count(values: torch.Tensor) -> int:

@@ -12,6 +12,10 @@
   (`mode: fixed`); each kept patch absorbs its `neighbours` most key-similar patches weighted by their CLS
   attention, and one extra token sums the dropped patches (`extra_token`). `plus: true` is PruMerge+ (a uniform
   stride of patches added, about three per outlier).
+- `keep_positions: true` (VisionZip, PruMerge; not in the papers): the kept image tokens reach the language model in
+  their original order at the position ids they had in the full prompt (a contextual token at its anchor's, the
+  extra token at the first dropped patch's), as FastV keeps them, instead of closing the gaps; the text after the
+  image keeps its positions too.
 
 The LLaVA class of the checkpoint shortens the processor's image placeholders to the reduced count (adaptive mode:
 after running the vision tower, so the block is flagged `data_dependent: true` and cannot be exported with fixed
@@ -77,12 +81,12 @@ def schedule(cfg, model, adapter) -> dict[str, Any]:
     n, patches = tower.num_tokens, tower.num_tokens - 1
     data_dependent = False
     if cfg.algorithm == "visionzip":
-        options = {"layer": f, **_visionzip_counts(cfg, patches)}
+        options = {"layer": f, **_visionzip_counts(cfg, patches), "keep_positions": bool(cfg.keep_positions)}
         after = 1 + options["dominant"] + options["contextual"]
     else:
         mode = cfg.mode or ("fixed" if cfg.keep_ratio is not None else "adaptive")
         options = {"layer": f, "mode": mode, "neighbours": cfg.neighbours, "plus": cfg.plus,
-                   "extra_token": cfg.extra_token}
+                   "extra_token": cfg.extra_token, "keep_positions": bool(cfg.keep_positions)}
         if mode == "fixed":
             total = keep_count(patches, cfg.keep_ratio)
             selected = max(1, total - int(cfg.extra_token))

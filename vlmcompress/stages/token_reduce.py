@@ -39,8 +39,9 @@ NonNegInt = Annotated[int, Field(ge=0)]
 ALGORITHM_KNOBS: dict[str, dict[str, Any]] = {
     "turbo": {"alpha": 5.0, "beta": 1.0, "gamma": 0.0, "r_threshold": 0, "text_step": 0.07, "text_min_keep": 0.2},
     "fastv": {"layer": 2},
-    "visionzip": {"dominant": None, "contextual": None},  # None: from keep_ratio or VisionZip's default
-    "prumerge": {"mode": None, "neighbours": 32, "plus": False, "extra_token": True},  # mode None: from keep_ratio
+    "visionzip": {"dominant": None, "contextual": None, "keep_positions": False},  # None: from keep_ratio / default
+    # mode None: from keep_ratio
+    "prumerge": {"mode": None, "neighbours": 32, "plus": False, "extra_token": True, "keep_positions": False},
 }
 # which towers each algorithm can reduce
 TOWERS = {"tome": ("vision",), "turbo": ("vision", "text"), "crossget": ("vision", "text"), "fastv": ("llm",),
@@ -85,6 +86,10 @@ class TokenReduceConfig(StageConfig):
     neighbours: NonNegInt | None = Field(None, description="prumerge: key-similar patches each kept patch absorbs "
                                                            "(default 32)")
     plus: bool | None = Field(None, description="prumerge: PruMerge+ (add patches on a uniform stride)")
+    keep_positions: bool | None = Field(
+        None, description="visionzip / prumerge: the kept image tokens keep the position ids they had in the full "
+                          "prompt, in their original order (an addition to the papers, which close the gaps; default "
+                          "false)")
     extra_token: bool | None = Field(None, description="prumerge: add one token summing the dropped patches "
                                                        "(default true)")
 
