@@ -37,8 +37,13 @@ def settings(ratios: list[float]) -> dict[str, dict]:
         out[f"visionzip keep={tag}"] = {"algorithm": "visionzip", "keep_ratio": p}
         out[f"prumerge keep={tag}"] = {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": p}
         out[f"prumerge+ keep={tag}"] = {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": p, "plus": True}
+        out[f"visionzip keep={tag} keep_positions"] = {"algorithm": "visionzip", "keep_ratio": p,
+                                                       "keep_positions": True}
+        out[f"prumerge keep={tag} keep_positions"] = {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": p,
+                                                      "keep_positions": True}
     out["prumerge adaptive"] = {"algorithm": "prumerge", "mode": "adaptive"}
     out["prumerge+ adaptive"] = {"algorithm": "prumerge", "mode": "adaptive", "plus": True}
+    out["prumerge adaptive keep_positions"] = {"algorithm": "prumerge", "mode": "adaptive", "keep_positions": True}
     return out
 
 
@@ -82,7 +87,8 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-llava")
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--ratios", default="0.5,0.25,0.125")
-    parser.add_argument("--only", default=None, help="comma-separated substrings: run the matching settings only")
+    parser.add_argument("--only", default=None, help="comma-separated substrings: run the matching settings only "
+                                                     "(and add them to an existing --json file)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     ratios = [float(x) for x in args.ratios.split(",")]
@@ -134,6 +140,11 @@ def main() -> None:
             point["gflops_note"] = "of the first test image alone (the count depends on the batch)"
         results["points"][name] = point
         print(name, json.dumps(point), flush=True)
+    if args.only and args.json and args.json.exists():  # keep the other points of an earlier run
+        earlier = json.loads(args.json.read_text())
+        earlier["points"].update({k: v for k, v in results["points"].items() if k != "uncompressed"})
+        earlier.setdefault("runs", []).append({"only": args.only, "machine": results["machine"]})
+        results = earlier
     text = json.dumps(results, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,9 @@ def _finish(ctx: RunContext, config: QuantizeConfig, spec: dict[str, Any], schem
     if wants_compile(config, schemes):
         spec["compile"] = [ctx.adapter.component_paths[c] for c in used]
         qmod.compile_components(ctx.model, spec["compile"])
+        for entry in spec["schemes"].values():
+            if (entry["backend"], entry["scheme"]) == ("torchao", "int8_dynamic"):
+                entry["cpu_speed"] = "faster on CPU: compiled when the checkpoint loads (first call per shape is slow)"
     if config.scheme == "int8":
         spec["resolved"] = {"int8": INT8_DEFAULT[config.backend],
                             "why": "the fastest int8 path of this backend measured on CPU (docs/benchmarks.md)"}
@@ -265,7 +268,7 @@ def quantize_with_library(backend: str) -> BackendFn:
             install(ctx.model, spec, name, plan[name], qmod.flatten_module(kernel), kernel.in_features,
                     kernel.out_features, notes["dtype"])
         extra = {k: v for k, v in notes.items() if k != "dtype" and v}
-        extra["library_version"] = integration.version()
+        extra["library_version"] = spec["library_version"] = f"{backend} {integration.version()}"
         return _finish(ctx, config, spec, schemes, extra)
 
     return run
