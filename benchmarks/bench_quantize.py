@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 from torch.utils import benchmark
-from transformers import CLIPConfig, CLIPModel
+from common import vit_b16_clip
+from transformers import CLIPModel
 
 import vlmcompress
 from vlmcompress.bench import machine_info
@@ -76,15 +77,6 @@ ACCURACY_VARIANTS: dict[str, dict | None] = {
     "neural_compressor int8_weight_only (gptq)": q(backend="neural_compressor", scheme="int8_weight_only",
                                                    algorithm="gptq"),
 }
-
-
-def vit_b16_clip() -> CLIPModel:
-    torch.manual_seed(0)
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  image_size=224, patch_size=16)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                bos_token_id=1, eos_token_id=3, pad_token_id=0)
-    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512)).eval()
 
 
 def disk_mb(folder: Path) -> float:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import vlmcompress
 from conftest import FAMILIES
+from helpers import layer_tokens
 
 ATOL = 1e-5
 TOME_R = 8
@@ -124,21 +125,6 @@ def expected_tokens(fam):
     return n0, tokens
 
 
-def count_tokens(model, layers_path, run):
-    seen: dict[int, list[int]] = {}
-    hooks = [layer.register_forward_hook(
-        lambda mod, args, output, i=i: seen.setdefault(i, []).append(
-            (output[0] if isinstance(output, tuple) else output).shape[1]))
-        for i, layer in enumerate(model.get_submodule(layers_path))]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def projections(adapter, model):
     """`[(kind, unit name, projection path, weight shape)]` of every attention / MLP projection, in adapter order."""
     out = []
@@ -219,8 +205,7 @@ def test_tokens_per_layer_match_schedule(fam):
     layers_path = fam.adapter.vision_tower(loaded).layers_path
     assert tower["layers_path"] == layers_path
     for model in (loaded, fam.model):
-        seen = count_tokens(model, layers_path, lambda: model(**fam.inputs))
-        assert seen == {i: [t] for i, t in enumerate(tokens)}
+        assert layer_tokens(model, layers_path, lambda: model(**fam.inputs)) == tokens
 
 
 def test_per_layer_shapes(fam):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import layer_tokens
 
 from vlmcompress.modeling.token_ops import (
     fastv_keep_index,
@@ -267,20 +268,6 @@ def padded_batch(seed=0):
     singles = [{"input_ids": r[None], "attention_mask": torch.ones(1, len(r), dtype=torch.long),
                 "pixel_values": pixels[i:i + 1]} for i, r in enumerate(rows)]
     return batch, singles
-
-
-def layer_tokens(model, path, run):
-    seen = []
-    hooks = [layer.register_forward_hook(
-        lambda mod, args, output: seen.append((output[0] if isinstance(output, tuple) else output).shape[1]))
-        for layer in model.get_submodule(path)]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_fastv_scores_equal_eager_attention_of_layer_k():

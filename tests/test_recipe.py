@@ -28,6 +28,12 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
+def write_stages(tmp_path: Path, stages: str) -> Path:
+    """A tiny-clip recipe writing to out/x whose `stages:` list is `stages` (YAML lines keep their numbers: the
+    header is three lines, model / output / stages)."""
+    return write(tmp_path, "model: tiny-clip\noutput: out/x\nstages:\n" + textwrap.dedent(stages).lstrip("\n"))
+
+
 def recipe_error(source) -> str:
     with pytest.raises(RecipeError) as info:
         load_recipe(source)
@@ -141,10 +147,7 @@ def test_stage_configs_are_the_registered_classes():
 
 
 def test_load_from_path_object_and_overrides(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: token_reduce
             r: 4
     """)
@@ -173,10 +176,7 @@ def test_unknown_top_level_key(tmp_path):
 
 
 def test_unknown_stage_key(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: token_reduce
             r: 4
           - method: structured_prune
@@ -192,10 +192,7 @@ def test_unknown_stage_key(tmp_path):
 
 @pytest.mark.parametrize("typo", ["structured_prun", "structure_prune", "structured-prune"])
 def test_unknown_method(tmp_path, typo):
-    path = write(tmp_path, f"""
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, f"""
           - method: token_reduce
           - method: {typo}
             ratio: 0.5
@@ -206,10 +203,7 @@ def test_unknown_method(tmp_path, typo):
 
 
 def test_unknown_method_tome_merge(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: tome_merge
     """)
     line = problem(recipe_error(path), f"{path}:4", "stages[0].method")
@@ -218,10 +212,7 @@ def test_unknown_method_tome_merge(tmp_path):
 
 
 def test_stage_without_method(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - ratio: 0.5
     """)
     line = problem(recipe_error(path), f"{path}:4", "stages[0]")
@@ -229,10 +220,7 @@ def test_stage_without_method(tmp_path):
 
 
 def test_unknown_algorithm(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: token_reduce
             r: 4
             algorithm: tomee
@@ -302,10 +290,7 @@ def test_all_problems_reported_at_once(tmp_path):
 
 @pytest.mark.parametrize("value, hint", [("1.0", "less than 1"), ("-0.1", "greater than or equal to 0")])
 def test_ratio_outside_unit_interval(tmp_path, value, hint):
-    path = write(tmp_path, f"""
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, f"""
           - method: token_reduce
           - method: structured_prune
             targets: [heads]
@@ -317,10 +302,7 @@ def test_ratio_outside_unit_interval(tmp_path, value, hint):
 
 
 def test_per_component_ratio_out_of_range(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: structured_prune
             ratio:
               vision: 0.5
@@ -332,10 +314,7 @@ def test_per_component_ratio_out_of_range(tmp_path):
 
 
 def test_per_component_ratio_unknown_component(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: structured_prune
             ratio:
               vision: 0.5
@@ -346,10 +325,7 @@ def test_per_component_ratio_unknown_component(tmp_path):
 
 
 def test_per_component_ratio_unknown_component_hint(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: structured_prune
             ratio:
               visoin: 0.3
@@ -361,10 +337,7 @@ def test_per_component_ratio_unknown_component_hint(tmp_path):
 
 @pytest.mark.parametrize("value, hint", [("-1", "greater than or equal to 0"), ("2.5", "fractional part")])
 def test_bad_r(tmp_path, value, hint):
-    path = write(tmp_path, f"""
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, f"""
           - method: token_reduce
             algorithm: tome
             r: {value}
@@ -375,10 +348,7 @@ def test_bad_r(tmp_path, value, hint):
 
 
 def test_negative_entry_in_per_layer_list_is_rejected(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           - method: token_reduce
             r: [8, 4, -2]
     """)
@@ -390,10 +360,7 @@ def test_negative_entry_in_per_layer_list_is_rejected(tmp_path):
     ("{method: token_reduce, r: 2.5}", "stages[0].r"),
 ])
 def test_union_errors_have_clean_yaml_path(tmp_path, stage, yaml_path):
-    path = write(tmp_path, f"""
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, f"""
           - {stage}
     """)
     message = recipe_error(path)
@@ -446,10 +413,7 @@ def test_missing_file(tmp_path):
 
 
 def test_stages_not_a_list(tmp_path):
-    path = write(tmp_path, """
-        model: tiny-clip
-        output: out/x
-        stages:
+    path = write_stages(tmp_path, """
           method: token_reduce
     """)
     line = problem(recipe_error(path), f"{path}:3", "stages")
