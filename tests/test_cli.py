@@ -188,6 +188,24 @@ def test_inspect_compressed_checkpoint(tmp_path):
     assert all(h == 2 for h in info["layer_num_heads"]["vision"])
 
 
+def test_inspect_names_what_blip_text_reduction_counts(tmp_path, monkeypatch):
+    """Turbo on BLIP's text encoder prunes image tokens read by cross-attention, not text tokens: inspect says so."""
+    recipe = tmp_path / "blip.yaml"
+    recipe.write_text(f"model: tiny-blip\noutput: {tmp_path / 'out'}\nstages:\n  - method: token_reduce\n"
+                      "    algorithm: turbo\n    components: [vision, text]\n    r: 3\n")
+    assert runner.invoke(app, ["apply", str(recipe)]).exit_code == 0
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "out"), "--json"]).output)
+    assert info["token_reduction"]["vision"]["counts"] == "tokens"
+    text = info["token_reduction"]["text"]
+    assert text["counts"] == "image tokens read by cross-attention"
+    assert text["tokens_per_layer"][0] == info["token_reduction"]["vision"]["tokens_per_layer"][-1]
+    from vlmcompress import cli
+
+    monkeypatch.setattr(cli.console, "width", 250)  # one line per table row
+    table = runner.invoke(app, ["inspect", str(tmp_path / "out")]).output
+    assert "image tokens read by cross-attention: " in table
+
+
 def test_killed_run_leaves_no_output(tmp_path):
     """A run killed (SIGKILL) in its second stage leaves no output folder, only the first stage's checkpoint."""
     recipe = write_recipe(tmp_path, PRUNE_TOME)

@@ -168,7 +168,11 @@ def inspect(
                            for name, mod in adapter.components(m).items()},
             **summary,
             "token_reduction": {t["component"]: {"algorithm": reduction["algorithm"], "r": t["r"],
-                                                 "tokens_per_layer": [t["num_tokens"], *t["tokens_per_layer"]]}
+                                                 "tokens_per_layer": [t["num_tokens"], *t["tokens_per_layer"]],
+                                                 # BLIP + Turbo: the text encoder keeps its text tokens and prunes
+                                                 # the image tokens its cross-attention reads
+                                                 "counts": "image tokens read by cross-attention"
+                                                 if t.get("kind") == "cross_attention_pruning" else "tokens"}
                                 for t in reduction.get("towers", [])}}
     if as_json:
         print(json.dumps(info, indent=2))
@@ -179,9 +183,12 @@ def inspect(
     for comp, params in info["components"].items():
         heads = info["layer_num_heads"].get(comp, [])
         widths = info["layer_intermediate_sizes"].get(comp, [])
-        tokens = info["token_reduction"].get(comp, {}).get("tokens_per_layer")
+        reduced = info["token_reduction"].get(comp, {})
+        tokens = " → ".join(map(str, reduced["tokens_per_layer"])) if reduced else "-"
+        if reduced.get("counts", "tokens") != "tokens":
+            tokens = f"{reduced['counts']}: {tokens}"
         table.add_row(comp, f"{params:,}", str(max(len(heads), len(widths))), " ".join(map(str, heads)),
-                      " ".join(map(str, widths)), " → ".join(map(str, tokens)) if tokens else "-")
+                      " ".join(map(str, widths)), tokens)
     console.print(table)
 
 
