@@ -1,4 +1,4 @@
-"""Prefill speed of FastV, VisionZip and PruMerge on a LLaVA-shaped model, at 50% and 25% of the image tokens.
+"""Prefill speed of FastV, VisionZip, PruMerge and CrossGET on a LLaVA-shaped model, at 50% and 25% of the image tokens.
 
 Random init (speed does not depend on the weights; the token counts of the fixed-count settings do not either): the
 LLaVA-shaped model of `bench_llava_shaped.py` (ViT-B/16 CLIP vision tower, 224 px → 196 patches, feature layer -2;
@@ -8,7 +8,9 @@ as `generate` runs it. Each variant is `vlmcompress.apply` of one `token_reduce`
 
 - `fastv-<p>`: `algorithm: fastv, layer: 2, keep_ratio: p` (image tokens dropped after decoder layer 2);
 - `visionzip-<p>`: `algorithm: visionzip, keep_ratio: p` (dominant:contextual 54:10, at the feature layer);
-- `prumerge-<p>`: `algorithm: prumerge, mode: fixed, keep_ratio: p` (PruMerge with the extra token).
+- `prumerge-<p>`: `algorithm: prumerge, mode: fixed, keep_ratio: p` (PruMerge with the extra token);
+- `crossget-<p>`: `algorithm: crossget, keep_ratio: p` (merging in every vision layer; p of the tokens are left after
+  the last one, so the language model receives a little more than p of the image tokens: feature layer -2).
 
 All variants and the uncompressed model are timed interleaved (order rotated every round) with
 `torch.utils.benchmark.Timer`; GFLOPs per sample of the whole prefill come from `FlopCounterMode` (vision tower,
@@ -22,7 +24,6 @@ realization = speed-up (medians) ÷ FLOPs reduction.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 from bench_llava_shaped import llava_shaped
+from common import write_json
 from torch.utils import benchmark as torch_benchmark
 
 import vlmcompress
@@ -47,6 +49,7 @@ def variants(ratios: list[float]) -> dict[str, list[dict]]:
         out[f"visionzip-{tag}"] = [{"method": "token_reduce", "algorithm": "visionzip", "keep_ratio": p}]
         out[f"prumerge-{tag}"] = [{"method": "token_reduce", "algorithm": "prumerge", "mode": "fixed",
                                    "keep_ratio": p}]
+        out[f"crossget-{tag}"] = [{"method": "token_reduce", "algorithm": "crossget", "keep_ratio": p}]
     return out
 
 
@@ -147,11 +150,7 @@ def main() -> None:
                         "realization": round(speedup / flops, 3)}
         results["ratios"][name] = {"flops_reduction": round(flops, 3), "batch_sizes": rows}
     results["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_json(results, args.json)
 
 
 def _plain(folder: Path):

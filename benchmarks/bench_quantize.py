@@ -8,11 +8,16 @@ Two parts, each writing JSON:
 `get_image_features` at batch 1 (latency) and batch 32 (throughput), variants interleaved (the order rotates every
 round), min and median over `--rounds`, speed-ups against fp32 measured in the same run.
 
+`--part llava-speed`: the same on the LLaVA-shaped model of `bench_llava_shaped.py` (ViT-B/16 tower, 12-layer
+768-wide Llama): one prefill of an image plus a 64-token prompt, every component quantized; the error column is
+that of the last-position logits.
+
 `--part accuracy`: `shapes-clip` (the trained teacher) quantized by every backend × scheme (calibrated schemes use
 `data.train`), reloaded, evaluated on the shapes test split (`--size` pairs): recall@1 both ways, zero-shot shape.
 `--llava` adds `shapes-llava` VQA accuracy for the quantizers that apply to the whole model.
 
     flock /tmp/vlmc-bench.lock python benchmarks/bench_quantize.py --part speed --json benchmarks/results/quantize_vit_b16.json
+    flock /tmp/vlmc-bench.lock python benchmarks/bench_quantize.py --part llava-speed --json benchmarks/results/quantize_llava_shaped.json
     flock /tmp/vlmc-bench.lock python benchmarks/bench_quantize.py --part accuracy --json benchmarks/results/quantize_shapes.json
 """
 
@@ -24,11 +29,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils import benchmark
-from common import vit_b16_clip
+from common import vit_b16_clip, write_json
 from transformers import CLIPModel
 
 import vlmcompress
@@ -105,9 +112,9 @@ def write_variant(name: str, stages: dict | list | None, folder: Path, model: to
             "layers": details.get("layers_per_component"), "skipped": len(details.get("skipped", {}))}
 
 
-def load_back(folder: Path, fp32: bool) -> torch.nn.Module:
+def load_back(folder: Path, fp32: bool, model_class=CLIPModel) -> torch.nn.Module:
     if fp32:
-        return CLIPModel.from_pretrained(folder).eval()
+        return model_class.from_pretrained(folder).eval()
     return vlmcompress.load(folder)
 
 
@@ -117,27 +124,74 @@ def encode(model, pixels):
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def speed(args) -> dict:
+def llava_prefill(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One prefill (KV cache on, logits of the last position, as `generate` runs it) → `[batch, vocab]` logits."""
+    with torch.inference_mode():
+        return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the speed part times: a model builder, the variants, one call and its inputs at a batch size."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    variants: dict[str, dict | list | None]
+    call: Callable[[torch.nn.Module, object], torch.Tensor]
+    inputs: Callable[[torch.nn.Module, int], object]
+    model_class: type
+    quantize_components: list[str] | None  # None: the stage's default (every component)
+
+
+def llava_inputs(model, batch_size: int) -> dict[str, torch.Tensor]:
+    from bench_llava_reduction_speed import prompt
+
+    inputs = prompt(model, batch_size)
+    return {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def workloads() -> dict[str, Workload]:
+    from bench_llava_shaped import llava_shaped
+    from transformers import LlavaForConditionalGeneration
+
+    plain = {k: v for k, v in SPEED_VARIANTS.items() if not isinstance(v, list)}
+    return {
+        "speed": Workload("CLIP ViT-B/16 get_image_features (vision tower + projection)", vit_b16_clip,
+                          SPEED_VARIANTS, encode, lambda model, bs: torch.randn(bs, 3, 224, 224), CLIPModel,
+                          ["vision"]),
+        "llava-speed": Workload("LLaVA-shaped prefill: one 224 px image (196 tokens) + 64-token prompt, KV cache on, "
+                                "logits of the last position; every component quantized", llava_shaped, plain,
+                                llava_prefill, llava_inputs, LlavaForConditionalGeneration, None),
+    }
+
+
+def speed(args, workload: Workload) -> dict:
     work = Path(tempfile.mkdtemp(prefix="vlmc-bench-quantize-"))
-    results = {"machine": machine_info(torch.device("cpu")), "workload": "CLIP ViT-B/16 get_image_features",
+    results = {"machine": machine_info(torch.device("cpu")), "workload": workload.name,
                "rounds": args.rounds, "variants": {}}
     models = {}
+    only_bs1: set[str] = set()  # far too slow at batch 1 to be timed at batch 32
     try:
-        for name, stage in SPEED_VARIANTS.items():
+        for name, stage in workload.variants.items():
             folder = work / f"v{len(models)}"
-            if isinstance(stage, dict):
-                stage = stage | {"components": ["vision"]}
-            elif stage is not None and stage[-1]["method"] == "quantize":
-                stage = [*stage[:-1], stage[-1] | {"components": ["vision"]}]
-            info = write_variant(name, stage, folder, model=vit_b16_clip())
-            models[name] = load_back(folder, stage is None)
+            if workload.quantize_components and isinstance(stage, dict):
+                stage = stage | {"components": workload.quantize_components}
+            elif workload.quantize_components and stage is not None and stage[-1]["method"] == "quantize":
+                stage = [*stage[:-1], stage[-1] | {"components": workload.quantize_components}]
+            info = write_variant(name, stage, folder, model=workload.build())
+            models[name] = load_back(folder, stage is None, workload.model_class)
             results["variants"][name] = {"size_on_disk_mb": disk_mb(folder), **info}
             print(name, results["variants"][name], flush=True)
         for bs, calls in ((1, args.bs1_calls), (32, 1)):
-            pixels = torch.randn(bs, 3, 224, 224)
+            pixels = workload.inputs(models["fp32"], bs)
+            encode = workload.call
             reference = encode(models["fp32"], pixels)
             warm: dict[str, float] = {}
             for name, model in models.items():
+                if bs > 1 and name in only_bs1:
+                    results["variants"][name][f"bs{bs}"] = {"note": "not measured: more than 8x slower than fp32 "
+                                                                    "and 30 s at batch 1"}
+                    continue
                 # warm-up (twice for compiled variants: the first call compiles), and the error vs fp32
                 compiled = bool((getattr(model.config, "quantization", None) or {}).get("compile"))
                 for _ in range(2 if compiled else 1):
@@ -150,6 +204,7 @@ def speed(args) -> dict:
                 print(f"bs{bs} warm-up {name}: {warm[name]:.1f} s", flush=True)
             # a variant whose kernel is far too slow at this batch size is reported from one call, not repeated
             slow = {n for n, w in warm.items() if w > max(30.0, 8 * warm["fp32"])}
+            only_bs1 |= slow
             times: dict[str, list[float]] = {name: [] for name in models if name not in slow}
             order = list(times)
             for r in range(args.rounds):
@@ -162,13 +217,13 @@ def speed(args) -> dict:
             for name in slow:
                 ms = warm[name] * 1e3
                 results["variants"][name][f"bs{bs}"] = {
-                    "ms_min": round(ms, 1), "ms_median": round(ms, 1), "images_per_s": round(bs * 1e3 / ms, 2),
+                    "ms_min": round(ms, 1), "ms_median": round(ms, 1), "samples_per_s": round(bs * 1e3 / ms, 2),
                     "speedup_min": round(min(base) / ms, 3), "speedup_median": round(statistics.median(base) / ms, 3),
                     "note": "one call (more than 8x slower than fp32 and 30 s): not repeated"}
             for name, ts in times.items():
                 results["variants"][name][f"bs{bs}"] = {
                     "ms_min": round(min(ts), 1), "ms_median": round(statistics.median(ts), 1),
-                    "images_per_s": round(bs * 1e3 / statistics.median(ts), 2),
+                    "samples_per_s": round(bs * 1e3 / statistics.median(ts), 2),
                     "speedup_min": round(min(base) / min(ts), 3),
                     "speedup_median": round(statistics.median(base) / statistics.median(ts), 3)}
             if args.json:  # partial results survive an interrupted run
@@ -225,14 +280,19 @@ def accuracy(args) -> dict:
 
 def speed_table(results: dict) -> str:
     """Markdown rows of the speed part."""
-    lines = ["| variant | size on disk | bs1 ms (min / median) | bs1 speed-up (min / median) | bs32 ms (min / median) "
-             "| bs32 images/s | bs32 speed-up (min / median) | rel. error vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+    def cells(b: dict) -> str:
+        if "ms_min" not in b:
+            return "not measured (too slow at bs1) | – | –"
+        rate = b.get("samples_per_s", b.get("images_per_s"))
+        return (f"{b['ms_min']:.0f} / {b['ms_median']:.0f} | {rate:.2f} | "
+                f"{b['speedup_min']:.2f}× / {b['speedup_median']:.2f}×")
+
+    lines = ["| variant | size on disk | bs1 ms (min / median) | bs1 per s | bs1 speed-up (min / median) "
+             "| bs32 ms (min / median) | bs32 per s | bs32 speed-up (min / median) | rel. error vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, v in results["variants"].items():
-        b1, b32 = v["bs1"], v["bs32"]
-        lines.append(f"| {name} | {v['size_on_disk_mb']:.1f} MB | {b1['ms_min']:.0f} / {b1['ms_median']:.0f} | "
-                     f"{b1['speedup_min']:.2f}× / {b1['speedup_median']:.2f}× | {b32['ms_min']:.0f} / "
-                     f"{b32['ms_median']:.0f} | {b32['images_per_s']:.2f} | {b32['speedup_min']:.2f}× / "
-                     f"{b32['speedup_median']:.2f}× | {v['rel_error_vs_fp32']:.4f} |")
+        lines.append(f"| {name} | {v['size_on_disk_mb']:.1f} MB | {cells(v['bs1'])} | {cells(v['bs32'])} | "
+                     f"{v['rel_error_vs_fp32']:.4f} |")
     return "\n".join(lines)
 
 
@@ -252,7 +312,7 @@ def accuracy_table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["speed", "accuracy"], required=True)
+    parser.add_argument("--part", choices=["speed", "llava-speed", "accuracy"], required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bs1-calls", type=int, default=3, help="calls per batch-1 measurement")
     parser.add_argument("--size", type=int, default=5000, help="shapes test pairs for accuracy")
@@ -263,14 +323,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         results = json.loads(args.table.read_text())
-        print(speed_table(results) if args.part == "speed" else accuracy_table(results))
+        print(accuracy_table(results) if args.part == "accuracy" else speed_table(results))
         return
-    results = speed(args) if args.part == "speed" else accuracy(args)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    results = accuracy(args) if args.part == "accuracy" else speed(args, workloads()[args.part])
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ timed $PY benchmarks/bench_llava_reduction_speed.py --repeats 11 --json $R/llava
 
 # quantization (#6): every backend × scheme on the model as loaded back
 timed $PY benchmarks/bench_quantize.py --part speed --json $R/quantize_vit_b16.json
+timed $PY benchmarks/bench_quantize.py --part llava-speed --json $R/quantize_llava_shaped.json
 $PY benchmarks/bench_quantize.py --part accuracy --llava --json $R/quantize_shapes.json
 timed $PY benchmarks/bench_onnx.py --rounds 5 --threads 1 --json $R/onnx_runtime_1thread.json
 timed $PY benchmarks/bench_onnx.py --rounds 5 --threads 2 --accuracy --json $R/onnx_runtime_2threads.json
