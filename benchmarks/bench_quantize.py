@@ -236,6 +236,15 @@ def speed(args, workload: Workload) -> dict:
     return results
 
 
+def selected(name: str, args) -> bool:
+    """fp32 always; otherwise a variant whose name holds an `--only` substring (if given) and no `--skip` one."""
+    if name == "fp32":
+        return True
+    only = [x for x in (args.only or "").split(",") if x]
+    skip = [x for x in (args.skip or "").split(",") if x]
+    return (not only or any(x in name for x in only)) and not any(x in name for x in skip)
+
+
 def accuracy(args) -> dict:
     from vlmcompress.evaluate import evaluate_dual_encoder, evaluate_vqa, shapes_eval_rows
     from vlmcompress.models import load_model
@@ -246,6 +255,8 @@ def accuracy(args) -> dict:
     rows = None
     try:
         for i, (name, stage) in enumerate(ACCURACY_VARIANTS.items()):
+            if not selected(name, args):
+                continue
             folder = work / f"clip{i}"
             info = write_variant(name, stage, folder, source="shapes-clip", data={"train": TRAIN})
             model, processor = load_model(str(folder))
@@ -264,6 +275,8 @@ def accuracy(args) -> dict:
             results["llava"] = {}
             vqa_rows = None
             for i, (name, stage) in enumerate(ACCURACY_VARIANTS.items()):
+                if not selected(name, args):
+                    continue
                 if stage is not None and (stage.get("backend") == "quanto" and stage.get("scheme") == "int8_static"
                                           or "reduce_range" in stage or stage.get("algorithm") == "gptq"):
                     continue
@@ -320,6 +333,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=5000, help="shapes test pairs for accuracy")
     parser.add_argument("--llava", action="store_true", help="also shapes-llava VQA accuracy")
     parser.add_argument("--vqa-size", type=int, default=2000)
+    parser.add_argument("--only", default=None, help="accuracy: comma-separated substrings of the variants to run")
+    parser.add_argument("--skip", default=None, help="accuracy: comma-separated substrings of variants to leave out")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON and exit")
     args = parser.parse_args()

@@ -36,6 +36,8 @@ timed $PY benchmarks/bench_llava_reduction_speed.py --repeats 11 --json $R/llava
 # quantization (#6): every backend × scheme on the model as loaded back
 timed $PY benchmarks/bench_quantize.py --part speed --json $R/quantize_vit_b16.json
 timed $PY benchmarks/bench_quantize.py --part llava-speed --json $R/quantize_llava_shaped.json
-$PY benchmarks/bench_quantize.py --part accuracy --llava --json $R/quantize_shapes.json
+$PY benchmarks/bench_quantize.py --part accuracy --llava --skip "torchao int4" --json $R/quantize_shapes.json
+$PY benchmarks/bench_quantize.py --part accuracy --only "torchao int4" --size 1000 \
+    --json $R/quantize_shapes_torchao_int4.json
 timed $PY benchmarks/bench_onnx.py --rounds 5 --threads 1 --json $R/onnx_runtime_1thread.json
 timed $PY benchmarks/bench_onnx.py --rounds 5 --threads 2 --accuracy --json $R/onnx_runtime_2threads.json
