@@ -22,7 +22,7 @@ from .modeling import modeling_vlmcompress as model_mod
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_vlmcompress.py", "cross_pruning.py", "llava_reduction.py", "modeling_vlmcompress.py",
-                  "quantized.py", "reduction.py", "shapes.py", "token_ops.py")
+                  "patching.py", "quantized.py", "reduction.py", "shapes.py", "token_ops.py")
 
 
 def library_versions() -> dict[str, str]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
+from .patching import swap_forward
 from .token_ops import cross_attention_keep_counts, gather_tokens, received_cross_attention, top_received_index
 
 KIND = "cross_attention_pruning"
@@ -88,11 +89,11 @@ def pruning_encoder_forward(self, hidden_states: torch.Tensor, attention_mask: t
                             encoder_attention_mask: torch.Tensor | None = None, past_key_values=None,
                             use_cache: bool | None = None, **kwargs: Any):
     """`BlipTextEncoder.forward` that hands each layer fewer image tokens than the one before (see module doc)."""
-    stock = type(self).__bases__[0].forward
     if encoder_hidden_states is None or past_key_values is not None or use_cache:
-        return stock(self, hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
-                     encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
-                     use_cache=use_cache, **kwargs)
+        return self._vlmc_stock_forward(hidden_states, attention_mask=attention_mask,
+                                        encoder_hidden_states=encoder_hidden_states,
+                                        encoder_attention_mask=encoder_attention_mask,
+                                        past_key_values=past_key_values, use_cache=use_cache, **kwargs)
     state: CrossPruningState = self._vlmc_cross_state
     keep = cross_attention_keep_counts(encoder_hidden_states.shape[1], len(self.layer), state.step, state.min_keep)
     state.tokens, state.query_valid = [], query_validity(attention_mask)
@@ -115,18 +116,6 @@ def pruning_encoder_forward(self, hidden_states: torch.Tensor, attention_mask: t
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, past_key_values=None)
 
 
-_PRUNING_CLASSES: dict[type, type] = {}
-
-
-def _pruning_class(cls: type) -> type:
-    if getattr(cls, "_vlmc_cross_pruning", False):
-        return cls
-    if cls not in _PRUNING_CLASSES:
-        _PRUNING_CLASSES[cls] = type(f"CrossPruning{cls.__name__}", (cls,),
-                                     {"forward": pruning_encoder_forward, "_vlmc_cross_pruning": True})
-    return _PRUNING_CLASSES[cls]
-
-
 def patch_cross_attention_pruning(model: nn.Module, tower: dict, options: dict | None = None) -> CrossPruningState:
     """Make the text encoder at `tower["hook_path"]` (its layers at `tower["layers_path"]`) prune the image tokens
     between layers; `options` holds `text_step` and `text_min_keep` (Turbo's 0.07 and 0.2 by default)."""
@@ -139,7 +128,7 @@ def patch_cross_attention_pruning(model: nn.Module, tower: dict, options: dict |
     hooks = []
     for layer in model.get_submodule(tower["layers_path"]):
         hooks.append(layer.crossattention.self.register_forward_hook(_received_hook(state), with_kwargs=True))
-    encoder.__class__ = _pruning_class(type(encoder))
+    swap_forward(encoder, pruning_encoder_forward, "CrossPruning")
     encoder._vlmc_cross_state = state
     encoder._vlmc_cross_hooks = hooks
     return state

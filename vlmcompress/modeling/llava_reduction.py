@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .patching import swap_forward
 from .reduction import AttentionInternals, ReductionState, Reducer, class_attention, register_reducer
 from .token_ops import (fastv_keep_index, gather_tokens, iqr_outlier_count, keep_count, last_token_attention,
                         prumerge_keep_index, prumerge_merge, visionzip_merge)
@@ -186,19 +187,6 @@ def fastv_pruned_forward(self, hidden_states, attention_mask=None, position_ids=
                                     position_embeddings=position_embeddings, **kwargs)
 
 
-_CLASSES: dict[tuple[type, str], type] = {}
-
-
-def _fastv_class(cls: type, role: str) -> type:
-    stock = getattr(cls, "_vlmc_stock_class", cls)
-    if (stock, role) not in _CLASSES:
-        forward = fastv_probe_forward if role == "probe" else fastv_pruned_forward
-        name = ("FastVProbe" if role == "probe" else "FastVPruned") + stock.__name__
-        _CLASSES[stock, role] = type(name, (stock,), {"forward": forward, "_vlmc_stock_forward": stock.forward,
-                                                      "_vlmc_stock_class": stock})
-    return _CLASSES[stock, role]
-
-
 def _capture_hook(state: FastVState, name: str):
     def hook(module, args, output):
         if state.capture:
@@ -221,7 +209,10 @@ def apply_fastv(model: nn.Module, tower: dict) -> FastVState:
         layer._vlmc_hooks = []
         if i < k - 1:
             continue
-        layer.__class__ = _fastv_class(type(layer), "probe" if i == k - 1 else "pruned")
+        if i == k - 1:
+            swap_forward(layer, fastv_probe_forward, "FastVProbe")
+        else:
+            swap_forward(layer, fastv_pruned_forward, "FastVPruned")
         layer._vlmc_fastv = state
         layer._vlmc_num_layers = len(layers)
         if i == k - 1:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cross_pruning import KIND as CROSS_PRUNING, patch_cross_attention_pruning
+from .patching import swap_forward
 from .token_ops import (bipartite_soft_matching, complete_graph_soft_matching, informativity_soft_matching,
                         merge_source, merge_wavg, turbo_semantic_weight)
 
@@ -305,18 +306,6 @@ register_reducer(Reducer("crossget", reduce_crossget, cross_token=True, order_pr
 # patching
 
 
-_REDUCING_CLASSES: dict[type, type] = {}
-
-
-def _reducing_class(cls: type) -> type:
-    if getattr(cls, "_vlmc_reducing", False):
-        return cls
-    if cls not in _REDUCING_CLASSES:
-        _REDUCING_CLASSES[cls] = type(f"TokenReducing{cls.__name__}", (cls,),
-                                      {"forward": reducing_layer_forward, "_vlmc_reducing": True})
-    return _REDUCING_CLASSES[cls]
-
-
 def _vision_reset_hook(state: ReductionState):
     def hook(module, args, kwargs):
         state.reset()
@@ -367,7 +356,7 @@ def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options:
                            proportional_attention=tower["proportional_attention"], options=dict(options or {}),
                            text=text)
     for i, (layer, r) in enumerate(zip(layers, tower["r"])):
-        layer.__class__ = _reducing_class(type(layer))
+        swap_forward(layer, reducing_layer_forward, "TokenReducing")
         layer._vlmc_state = state
         layer._vlmc_r = int(r)
         layer._vlmc_last = i == len(layers) - 1

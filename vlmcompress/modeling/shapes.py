@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .patching import swap_forward
+
 
 def set_dotted_attr(root: object, dotted: str, value: object) -> None:
     *parents, last = dotted.split(".")
@@ -44,9 +46,6 @@ def _fused_attention_forward(self, hidden_states: torch.Tensor, *args, **kwargs)
     return attention_with_metric(self, hidden_states, None)[0], None
 
 
-_FUSED_CLASSES: dict[type, type] = {}
-
-
 def patch_fused_attention(model: nn.Module, param_shapes: dict[str, list[int]]) -> None:
     """Give pruned fused-`qkv` attention modules (BLIP, BLIP-2 vision) a forward that works with fewer heads.
 
@@ -55,11 +54,4 @@ def patch_fused_attention(model: nn.Module, param_shapes: dict[str, list[int]]) 
     for name in param_shapes:
         if not name.endswith(".qkv.weight"):
             continue
-        module = model.get_submodule(name[: -len(".qkv.weight")])
-        cls = type(module)
-        if getattr(cls, "_vlmc_fused", False):
-            continue
-        if cls not in _FUSED_CLASSES:
-            _FUSED_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
-                                       {"forward": _fused_attention_forward, "_vlmc_fused": True})
-        module.__class__ = _FUSED_CLASSES[cls]
+        swap_forward(model.get_submodule(name[: -len(".qkv.weight")]), _fused_attention_forward, "Pruned")
