@@ -156,6 +156,7 @@ def inspect(
     """Show a model's family, components, heads and widths per layer, token schedule and parameters."""
     from .adapters import adapter_for
     from .checkpoint import per_layer_summary
+    from .modeling.cross_pruning import KIND as CROSS_PRUNING
     from .models import load_model
     from .stages.base import count_params
 
@@ -172,7 +173,7 @@ def inspect(
                                                  # BLIP + Turbo: the text encoder keeps its text tokens and prunes
                                                  # the image tokens its cross-attention reads
                                                  "counts": "image tokens read by cross-attention"
-                                                 if t.get("kind") == "cross_attention_pruning" else "tokens"}
+                                                 if t.get("kind") == CROSS_PRUNING else "tokens"}
                                 for t in reduction.get("towers", [])}}
     if as_json:
         print(json.dumps(info, indent=2))
