@@ -378,6 +378,36 @@ def test_turbo_exports_like_tome(tmp_path):
     assert result.config["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
 
 
+def test_crossget_exports_with_static_token_counts(tmp_path):
+    """CrossGET's kernel keeps its shapes static (protected count from the caller, survivors by sort), so its graphs
+    export and match torch, cross token included."""
+    adapter = BUILTIN_TINY["tiny-clip"]
+    model = _reduced("tiny-clip", [{"method": "token_reduce", "algorithm": "crossget", "r": 4}])
+    result = vx.export(model, adapter, tmp_path / "onnx", keep_fp32=True)
+    _check_graphs(model, result, adapter)
+    assert result.config["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 61, 57]
+
+
+def test_visionzip_exports_and_its_fp32_graph_matches_torch(tmp_path):
+    """VisionZip builds its contextual groups from shapes only, so the LLaVA image graph exports; the fp32 graph
+    equals torch at other batch sizes. (Its int8 graph is not held to the cosine bound: int8 noise can change which
+    patches the CLS attention ranks dominant, a discrete choice.)"""
+    adapter = BUILTIN_TINY["tiny-llava"]
+    model = _reduced("tiny-llava", [{"method": "token_reduce", "algorithm": "visionzip", "keep_ratio": 0.5}])
+    result = vx.export(model, adapter, tmp_path / "onnx", keep_fp32=True)
+    (graph,) = vx.graphs_for(model, adapter)
+    entry = result.config["graphs"][graph.name]
+    assert entry["tokens_per_layer"] == [65, 33, 33]
+    for batch in (1, 3):
+        inputs = _inputs(graph, batch, seed=batch)
+        with torch.no_grad():
+            ref = graph.module(**inputs)
+        fp32 = _run(result.folder / f"{graph.name}.fp32.onnx", inputs)
+        assert fp32.shape == ref.shape and fp32.shape[0] == batch
+        torch.testing.assert_close(fp32, ref, atol=ATOL, rtol=0)
+    _check_int8_file(result.folder / entry["file"], result.folder / f"{graph.name}.fp32.onnx", entry)
+
+
 @pytest.mark.slow
 def test_resume_after_the_export_keeps_the_onnx_folder(tmp_path, monkeypatch):
     """A crash while writing the output folder, after the quantize stage's checkpoint: --resume rebuilds the output
