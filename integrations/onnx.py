@@ -47,6 +47,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -355,9 +356,45 @@ def linear_nodes(path: Path) -> dict[str, str]:
     return found
 
 
-def quantize_graph(source: Path, target: Path, nodes: list[str]) -> list[str]:
-    """ONNX Runtime dynamic int8 (weights int8 per output channel, activations uint8 per tensor at run time) of the
-    given MatMul nodes; returns those that were quantized (each is replaced by integer ops under new names)."""
+@dataclass(frozen=True)
+class Int8Format:
+    """How ONNX Runtime's dynamic int8 is laid out: uint8 activations (quantized per tensor at run time) times int8
+    weights (per output channel), with the weights on 7 bits (`reduce_range`) where the CPU needs it."""
+
+    reduce_range: bool
+    reason: str
+    activations: str = "uint8"
+    weights: str = "int8"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"activations": self.activations, "weights": self.weights, "reduce_range": self.reduce_range,
+                "reason": self.reason}
+
+
+def int8_format(cpu, reduce_range: bool | None = None) -> Int8Format:
+    """The int8 layout that ONNX Runtime computes exactly on `cpu` (a `vlmcompress.cpu.CpuFeatures`).
+
+    On x86 without an int8 dot-product instruction (no AVX-512 VNNI, AVX-VNNI or AMX: AVX2-only and early AVX-512
+    CPUs), ONNX Runtime's u8s8 kernels add two uint8 × int8 products in int16 (`vpmaddubsw`) before widening, and
+    2 × 255 × 127 overflows int16: the sums saturate and the outputs drift (a cosine of 0.94 against torch measured
+    on a tiny LLaVA tower). With 7-bit weights (|w| ≤ 64) every pair sum fits (2 × 255 × 64 < 32768), so the
+    integer arithmetic is exact again, for half a bit of weight precision. With a dot-product instruction, and on
+    Arm (`sdot` / `udot`), products accumulate straight into int32: full 8-bit weights are exact and more precise.
+    The u8u8 layout is exact too, but its AVX2 kernel widens both operands to 16 bits first, so it was not chosen.
+    An explicit `reduce_range` (the recipe's) is kept as given.
+    """
+    if reduce_range is not None:
+        return Int8Format(reduce_range, "set in the recipe")
+    if cpu.x86 and not cpu.int8_dot_product:
+        return Int8Format(True, "x86 without VNNI / AMX: 7-bit weights keep ONNX Runtime's int16 pair sums from "
+                                "saturating")
+    return Int8Format(False, "int8 dot products accumulate in int32 on this CPU: full 8-bit weights are exact")
+
+
+def quantize_graph(source: Path, target: Path, nodes: list[str], reduce_range: bool = False) -> list[str]:
+    """ONNX Runtime dynamic int8 (weights int8 per output channel, on 7 bits with `reduce_range`; activations uint8
+    per tensor at run time) of the given MatMul nodes; returns those that were quantized (each is replaced by integer
+    ops under new names)."""
     _require()
     import logging
 
@@ -368,7 +405,7 @@ def quantize_graph(source: Path, target: Path, nodes: list[str]) -> list[str]:
     quiet.setLevel(logging.ERROR)  # "Please consider to run pre-processing" (the dynamo exporter already optimised)
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
+                         reduce_range=reduce_range, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
                          extra_options={"MatMulConstBOnly": True})
     finally:
         quiet.setLevel(level)
@@ -491,7 +528,8 @@ class ExportResult:
 
 def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8_dynamic", processor: Any = None,
            components: list[str] | None = None, overrides: dict[str, str] | None = None,
-           ignore: list[str] | None = None, keep_fp32: bool = False) -> ExportResult:
+           ignore: list[str] | None = None, keep_fp32: bool = False, reduce_range: bool | None = None,
+           cpu=None) -> ExportResult:
     """Export `model`'s encoders to `folder` (created; must not exist) and quantize them.
 
     Args:
@@ -502,6 +540,8 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
         components / overrides / ignore: as in the `quantize` stage: which components are quantized, per-component
             schemes (`"none"` keeps one fp32), module names kept fp32.
         keep_fp32: also keep the fp32 graphs as `<name>.fp32.onnx` (tests, comparisons).
+        reduce_range: 7-bit int8 weights; unset, `int8_format` chooses by the CPU.
+        cpu: the `vlmcompress.cpu.CpuFeatures` the int8 layout is chosen for (default: this machine's).
     Returns:
         An `ExportResult` with the folder, the written `config.json` content and the quantized module names.
     """
@@ -514,6 +554,10 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
     model = model.eval()
     graphs = graphs_for(model, adapter)
     tokens = check_exportable(model, adapter)
+    from .. import cpu as cpu_facts
+
+    cpu = cpu or cpu_facts.detect()
+    layout = int8_format(cpu, reduce_range)
     folder = Path(folder)
     folder.mkdir(parents=True)
     from ..bench import EXPORT_WORKLOADS, count_gflops
@@ -540,7 +584,7 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
             if graph_scheme == "int8_dynamic":
                 nodes = _quantized_modules(graph, linear_nodes(fp32_path), scheme, components, overrides, ignore,
                                            adapter)
-                done = quantize_graph(fp32_path, target, sorted(nodes))
+                done = quantize_graph(fp32_path, target, sorted(nodes), layout.reduce_range)
                 entry["check"] = _compare(graph, session(target))
                 entry["quantized_modules"] = sorted({nodes[n] for n in done})
                 quantized += entry["quantized_modules"]
@@ -568,9 +612,13 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
         "runtime": "onnxruntime CPUExecutionProvider; vlmcompress sets intra_op_num_threads (torch's thread count "
                    "unless given), inter_op_num_threads 1, sequential execution, all graph optimizations, "
                    "no spinning",
-        "quantizer": ("onnxruntime.quantization.quantize_dynamic: int8 weights per output channel, uint8 activations "
+        "quantizer": ("onnxruntime.quantization.quantize_dynamic: int8 weights per output channel"
+                      f"{' on 7 bits (reduce_range)' if layout.reduce_range else ''}, uint8 activations "
                       "quantized per tensor at run time, MatMul nodes of nn.Linear modules only")
         if scheme == "int8_dynamic" else None,
+        # the layout depends on the CPU it was chosen for: a graph with full 8-bit weights saturates on x86 without
+        # VNNI, so loading checks this record against the CPU it runs on
+        "int8_format": {**layout.to_dict(), "chosen_for": cpu.to_dict()} if scheme == "int8_dynamic" else None,
         "processor": _processor_settings(processor, model),
         "model_config": _strip_config(model),
         "versions": _versions(),
@@ -720,7 +768,26 @@ def load_onnx(folder: str | Path, threads: int | None = None) -> OnnxModel:
     missing = [g["file"] for g in spec["graphs"].values() if not (folder / g["file"]).is_file()]
     if missing:
         raise ModelLoadError(f"'{folder}' lacks {', '.join(missing)}; the export is incomplete, run it again")
+    warning = saturation_warning(spec)
+    if warning:
+        print(f"vlmcompress: {warning}", file=sys.stderr)
     return OnnxModel(folder, spec, threads)
+
+
+def saturation_warning(spec: dict[str, Any], cpu=None) -> str | None:
+    """One line when an export with full 8-bit weights is run on a CPU whose int8 kernels saturate on them."""
+    from .. import cpu as cpu_facts
+
+    layout = spec.get("int8_format")
+    if not layout or layout.get("reduce_range", True):
+        return None
+    cpu = cpu or cpu_facts.detect(with_torch=False)
+    if not cpu.x86 or cpu.int8_dot_product:
+        return None
+    chosen_for = layout.get("chosen_for", {}).get("label", "unknown")
+    return (f"this ONNX export has full 8-bit int8 weights, chosen for a CPU with VNNI ({chosen_for}); this CPU "
+            f"({cpu.label()} has no VNNI, where ONNX Runtime's int8 sums can saturate and outputs drift: export again on "
+            "this machine or with reduce_range: true in the quantize stage")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -751,7 +818,8 @@ def quantize_stage(ctx, config) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="vlmcompress-onnx-"))
     weakref.finalize(ctx, shutil.rmtree, tmp, True)  # once the run (and its final save) is over
     result = export(ctx.model, ctx.adapter, tmp / ONNX_DIR, scheme=scheme, processor=ctx.processor,
-                    components=components, overrides=overrides, ignore=list(config.ignore))
+                    components=components, overrides=overrides, ignore=list(config.ignore),
+                    reduce_range=config.reduce_range)
     ctx.artifacts[ONNX_DIR] = result.folder
     if family in ("clip", "siglip"):
         ctx.deployed = load_onnx(result.folder)
@@ -762,7 +830,7 @@ def quantize_stage(ctx, config) -> dict[str, Any]:
                             "quantized_modules", [])), "check_fp32": g["check_fp32"], "check": g.get("check"),
                         "export_seconds": g["seconds"]}
     return {"backend": "onnxruntime", "scheme": config.scheme, "resolved_scheme": scheme, "output": f"{ONNX_DIR}/",
-            "graphs": graphs, "matched": result.quantized,
+            "graphs": graphs, "matched": result.quantized, "int8_format": result.config["int8_format"],
             "note": ("PyTorch weights stay fp32 (the checkpoint loads with from_pretrained); the ONNX graphs in onnx/ "
                      "are what was quantized" + ("; accuracy and speed after this stage are ONNX Runtime's"
                                                  if ctx.deployed is not None else
@@ -784,7 +852,11 @@ def plan_stage(model: nn.Module, adapter, config) -> dict[str, Any]:
     graphs = {"image_encoder": ("vision", "projector")} if family == "llava" else {"image_encoder": ("vision",),
                                                                                   "text_encoder": ("text",)}
     components = adapter.components(model)
-    plan: dict[str, Any] = {"backend": "onnxruntime", "scheme": scheme, "graphs": {}, "int8 linear layers": {}}
+    from .. import cpu as cpu_facts
+
+    layout = int8_format(cpu_facts.detect(with_torch=False), config.reduce_range)
+    plan: dict[str, Any] = {"backend": "onnxruntime", "scheme": scheme, "graphs": {}, "int8 linear layers": {},
+                            "int8 weights": f"{7 if layout.reduce_range else 8} bits ({layout.reason})"}
     for name, owned in graphs.items():
         chosen = [c for c in owned if (config.components is None or c in config.components)
                   and overrides.get(c, scheme) not in ("none", "fp32")]

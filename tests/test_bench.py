@@ -94,6 +94,8 @@ def test_timings_are_positive_and_consistent(clip_vs_tome):
                 assert t["peak_memory_mb"] is None or t["peak_memory_mb"] >= 0
     machine, what = clip_vs_tome["machine"], clip_vs_tome["what"]
     assert machine["threads"] == 1 and machine["device"] == "cpu"
+    # every timing names its instruction set: the same model runs 1.1-3x apart on AVX2 and AVX-512 VNNI
+    assert machine["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability() and "flags" in machine["cpu"]
     assert "get_image_features" in what["workloads"]["image"] and "get_text_features" in what["workloads"]["text"]
     assert "/proc/self/statm" in what["memory"] or "unavailable" in what["memory"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -437,3 +438,88 @@ def test_resume_after_the_export_keeps_the_onnx_folder(tmp_path, monkeypatch):
     assert (out / "onnx" / "image_encoder.onnx").read_bytes() == exported
     assert not orchestrator.work_dir_for(out).exists()
     assert vx.load_onnx(out / "onnx").spec["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the int8 layout is chosen by the CPU's features
+
+def _cpu(*flags, arch="x86_64"):
+    from vlmcompress.cpu import CpuFeatures
+
+    return CpuFeatures(arch, "test CPU", "AVX2" if "avx512f" not in flags else "AVX512", tuple(sorted(flags)))
+
+
+AVX2_ONLY = _cpu("avx2", "fma")
+AVX512_VNNI = _cpu("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")
+
+
+def test_int8_format_by_cpu_features():
+    # u8 x s8 pairs summed in int16 (vpmaddubsw): 2 * 255 * 127 = 64770 overflows int16 (32767), 2 * 255 * 64 = 32640
+    # does not; so 7-bit weights wherever there is no int8 dot product
+    assert 2 * 255 * 127 > 2**15 - 1 >= 2 * 255 * 64
+    assert vx.int8_format(AVX2_ONLY).reduce_range
+    assert vx.int8_format(_cpu("avx2", "avx512f", "avx512bw")).reduce_range  # AVX-512 without VNNI saturates too
+    assert not vx.int8_format(AVX512_VNNI).reduce_range
+    assert not vx.int8_format(_cpu("avx2", "avx_vnni")).reduce_range
+    assert not vx.int8_format(_cpu("asimd", "asimddp", arch="aarch64")).reduce_range  # sdot / udot: int32
+    # the recipe's choice wins either way
+    assert not vx.int8_format(AVX2_ONLY, reduce_range=False).reduce_range
+    assert vx.int8_format(AVX512_VNNI, reduce_range=True).reduce_range
+
+
+@pytest.mark.parametrize("cpu,bits", [(AVX2_ONLY, 7), (AVX512_VNNI, 8)], ids=["avx2", "avx512-vnni"])
+def test_export_records_the_layout_and_the_cpu_it_was_chosen_for(tmp_path, cpu, bits):
+    model = _reduced("tiny-clip")
+    result = vx.export(model, BUILTIN_TINY["tiny-clip"], tmp_path / "onnx", cpu=cpu)
+    layout = result.config["int8_format"]
+    assert layout["reduce_range"] is (bits == 7) and layout["chosen_for"]["capability"] == cpu.capability
+    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["int8_format"] == layout
+    # the int8 weights span 7 or 8 bits (per-channel symmetric: every row reaches its largest magnitude)
+    graph = onnx.load(str(tmp_path / "onnx" / "image_encoder.onnx")).graph
+    largest = max(int(abs(onnx.numpy_helper.to_array(i).astype(int)).max()) for i in graph.initializer
+                  if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2)
+    assert largest == (64 if bits == 7 else 127)
+
+
+def test_loading_a_vnni_export_on_a_cpu_without_vnni_warns():
+    vnni_spec = {"int8_format": {**vx.int8_format(AVX512_VNNI).to_dict(), "chosen_for": AVX512_VNNI.to_dict()}}
+    line = vx.saturation_warning(vnni_spec, cpu=AVX2_ONLY)
+    assert "VNNI" in line and "reduce_range: true" in line and "\n" not in line
+    assert vx.saturation_warning(vnni_spec, cpu=AVX512_VNNI) is None
+    portable = {"int8_format": {**vx.int8_format(AVX2_ONLY).to_dict(), "chosen_for": AVX2_ONLY.to_dict()}}
+    assert vx.saturation_warning(portable, cpu=AVX2_ONLY) is None
+    assert vx.saturation_warning({"int8_format": None}, cpu=AVX2_ONLY) is None  # fp32 export
+
+
+@pytest.mark.skipif(not __import__("shutil").which("qemu-x86_64"), reason="needs qemu-user (apt-get install qemu-user)")
+def test_int8_on_an_emulated_avx2_cpu(tmp_path):
+    """ONNX Runtime under `qemu-x86_64 -cpu EPYC-Milan` (AVX2, no VNNI: its cpuid drives ORT's kernel choice): the
+    layout chosen for that CPU agrees with torch as well as on the host and gives the host's outputs exactly (the
+    integer arithmetic is exact on both); the full 8-bit layout saturates there."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    model = _reduced("tiny-llava")
+    adapter = BUILTIN_TINY["tiny-llava"]
+    graph = next(g for g in vx.graphs_for(model, adapter) if g.name == "image_encoder")
+    for name, cpu in (("avx2", AVX2_ONLY), ("vnni", AVX512_VNNI)):
+        vx.export(model, adapter, tmp_path / name, cpu=cpu)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    np.savez(tmp_path / "feeds.npz", pixel_values=pixels.numpy())
+    jobs = [{"graph": f"{n}/image_encoder.onnx", "feeds": "feeds.npz", "out": f"{n}.npy"} for n in ("avx2", "vnni")]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    replay = str(Path(__file__).parent.parent / "benchmarks" / "ort_replay.py")
+    for tag, prefix in (("host", []), ("milan", ["qemu-x86_64", "-cpu", "EPYC-Milan"])):
+        subprocess.run([*prefix, sys.executable, replay, str(tmp_path), tag], check=True, stderr=subprocess.DEVNULL)
+    with torch.no_grad():
+        ref = graph.module(pixel_values=pixels)
+
+    def cosine(tag, name):
+        out = torch.from_numpy(np.load(tmp_path / tag / f"{name}.npy"))
+        return torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1).min().item()
+
+    assert cosine("milan", "avx2") > INT8_MIN_COSINE
+    assert np.array_equal(np.load(tmp_path / "milan" / "avx2.npy"), np.load(tmp_path / "host" / "avx2.npy"))
+    assert cosine("milan", "vnni") < cosine("milan", "avx2")  # what the choice avoids: saturated int16 sums

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,15 +54,61 @@ def test_compressed_llava_scores_the_same_through_every_loader(tmp_path):
     assert evaluate_vqa(remote, processor, rows) == expected
 
 
-def test_zoo_training_reproduces_the_shipped_small_weights():
-    """`vlmcompress zoo train` is seeded: retraining gives the shipped weights bit for bit (same thread count)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
+# Retraining on another instruction set sums floats in another order (vector widths of MKL's GEMM and ATen's
+# reductions), so it is bitwise only on the capability the shipped weights were trained on (their manifest says
+# which). Measured elsewhere (torch's AVX2 dispatch: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 host): largest |Δ| of any tensor 1.9e-6 after the 300 steps, 37 of 55
+# tensors different, 600 of 600 VQA answers the same. The bound leaves 5x that.
+RETRAIN_ATOL = 1e-5
 
-    shipped = LlavaForConditionalGeneration.from_pretrained(zoo.ZOO_DIR / "shapes-llava-small").state_dict()
-    retrained = zoo.train_llava(zoo.ZOO["shapes-llava-small"]).state_dict()
-    assert shipped.keys() == retrained.keys()
-    assert all(torch.equal(shipped[k], retrained[k]) for k in shipped)
+
+def _retrain_and_compare():
+    """Retrain shapes-llava-small here and compare it with the shipped weights: bitwise on the recorded capability,
+    within RETRAIN_ATOL and with the same answers to 300 questions on any other."""
+    import torch
+
+    from vlmcompress.evaluate import answer_questions
+
+    folder = zoo.ZOO_DIR / "shapes-llava-small"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    trained_on = manifest["cpu_capability"]
+    shipped, processor = load_model("shapes-llava-small")
+    retrained = zoo.train_llava(zoo.ZOO["shapes-llava-small"])
+    old, new = shipped.state_dict(), retrained.state_dict()
+    assert old.keys() == new.keys()
+    here = torch.backends.cpu.get_cpu_capability()
+    if here == trained_on and torch.get_num_threads() == manifest["threads"]:
+        assert all(torch.equal(old[k], new[k]) for k in old), f"not bitwise on {here}, the capability trained on"
+        return "bitwise"
+    worst = max((old[k] - new[k]).abs().max().item() for k in old)
+    assert worst <= RETRAIN_ATOL, f"retrained on {here} (shipped: {trained_on}): largest |Δ| {worst:.3g}"
+    rows = shapes_eval_rows(shipped, 300)
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    assert answer_questions(retrained, processor, images, questions) == answer_questions(shipped, processor, images,
+                                                                                        questions)
+    return f"within {worst:.3g}"
+
+
+def test_zoo_training_reproduces_the_shipped_small_weights():
+    """`vlmcompress zoo train` is seeded: retraining gives the shipped weights (bit for bit on their CPU capability,
+    see RETRAIN_ATOL elsewhere)."""
+    _retrain_and_compare()
+
+
+@pytest.mark.slow
+def test_zoo_training_on_another_instruction_set(tmp_path):
+    """The cross-CPU branch, on any x86 host: torch's AVX2 kernels chosen by environment in a fresh process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+           "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code = ("import sys; sys.path.insert(0, 'tests'); import torch; import test_teachers as t; "
+            "print(torch.backends.cpu.get_cpu_capability(), t._retrain_and_compare())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "AVX2 within" in done.stdout, done.stdout  # the tolerance branch ran, on AVX2 kernels, and held
 
 
 def test_corrupt_shipped_weights_are_retrained_into_the_cache(tmp_path, monkeypatch):

@@ -479,6 +479,8 @@ def size_on_disk(folder: Path | None) -> int | None:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
+    from . import cpu as cpu_facts
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -496,7 +498,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "load_average_1m": None if load is None else round(load, 2),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": versions.get("transformers"), "vlmcompress": versions.get("vlmcompress"),
-            "date": time.strftime("%Y-%m-%d")}
+            "cpu": cpu_facts.describe(), "date": time.strftime("%Y-%m-%d")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -208,17 +208,25 @@ def list_methods_cmd():
 
 @app.command()
 @_friendly
-def env():
-    """Print versions and hardware facts to paste into a bug report."""
+def env(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Print versions and hardware facts (the CPU's instruction sets included) to paste into a bug report."""
     import torch
 
+    from . import cpu
     from .checkpoint import library_versions
 
     info = {"python": platform.python_version(), "platform": platform.platform(),
             **library_versions(), "torch threads": torch.get_num_threads(),
-            "cuda available": torch.cuda.is_available()}
+            "cuda available": torch.cuda.is_available(), "cpu": cpu.describe()}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
     for key, value in info.items():
-        console.print(f"- {key}: {value}", highlight=False)
+        if key == "cpu":
+            for name in ("label", "capability", "quantized_engine", "mkl", "onednn"):
+                console.print(f"- cpu {name}: {value.get(name)}", highlight=False)
+        else:
+            console.print(f"- {key}: {value}", highlight=False)
 
 
 @app.command("eval", epilog="Examples:\n\n  vlmcompress eval shapes-clip\n\n"

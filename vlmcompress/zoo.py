@@ -277,8 +277,13 @@ def save_zoo_model(name: str, model: nn.Module, folder: Path, seconds: float) ->
     model.save_pretrained(folder)
     processor(recipe).save_pretrained(folder)
     files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    from . import cpu
+
+    # float sums run in a different order on another instruction set, so retraining is bitwise only on the
+    # capability (and thread count) recorded here; tests/test_teachers.py compares within a tolerance elsewhere
     manifest = {"name": name, "recipe": asdict(recipe), "train_seconds": round(seconds, 1),
-                "threads": torch.get_num_threads(), "files": files}
+                "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu": cpu.detect().label(), "files": files}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -70,8 +70,10 @@ class QuantizeConfig(StageConfig):
     compile: bool | None = Field(
         None, description="torch.compile the quantized components when the checkpoint loads; unset: on for torchao "
                           "int8_dynamic (4.9x fp32 compiled against 2.2x eager on ViT-B/16), off otherwise")
-    reduce_range: bool = Field(
-        True, description="torch int8_dynamic: 7-bit activations, needed on x86 CPUs without VNNI (portable default)")
+    reduce_range: bool | None = Field(
+        None, description="7-bit int8, which x86 CPUs without VNNI need against int16 overflow: torch int8_dynamic "
+                          "quantizes activations to 7 bits (unset: true, portable); onnxruntime weights (unset: "
+                          "chosen by this CPU, true without VNNI)")
     calibration_batches: int = Field(4, ge=1, description="int8_static / gptq: batches of data.train used")
     calibration_batch_size: int = Field(16, ge=1)
 
@@ -241,7 +243,7 @@ def quantize_torch(ctx: RunContext, config: QuantizeConfig) -> dict[str, Any]:
     """torch's built-in dynamic int8: symmetric per-channel int8 weights, activations quantized per call."""
     plan, schemes, spec = _start(ctx, config)
     for comp, scheme in schemes.items():
-        spec["schemes"][comp] = scheme_entry("torch", scheme, {"reduce_range": config.reduce_range})
+        spec["schemes"][comp] = scheme_entry("torch", scheme, {"reduce_range": config.reduce_range is not False})
     for name, comp in plan.items():
         linear = ctx.model.get_submodule(name)
         qdata, scale = qmod.quantize_int8_per_channel(linear.weight)
