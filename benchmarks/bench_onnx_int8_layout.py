@@ -7,7 +7,7 @@ Layouts (ONNX Runtime dynamic int8, uint8 activations per tensor, weights per ou
   u8s8_rr   int8 weights on 7 bits (reduce_range): what vlmcompress picks on x86 without VNNI / AMX
   u8u8      uint8 weights (asymmetric), 8 bits
 
-Usage: python benchmarks/bench_onnx_int8_layout.py [--cpus EPYC-Milan] [--size 1000] [--json PATH]
+Usage: python benchmarks/bench_onnx_int8_layout.py [--cpus EPYC-Milan] [--size 1000] [--speed] [--json PATH]
 (needs `apt-get install qemu-user` for the emulated rows; without it only this CPU's rows are written)
 """
 
@@ -127,12 +127,43 @@ def recall(name: str, size: int, work: Path, cpus: list[str]) -> dict:
             "replay_seconds": seconds}
 
 
+def speed(work: Path, batch_sizes: list[int], rounds: int) -> dict:
+    """ViT-B/16 image encoder (random init, 224 px) in every layout on this CPU: ms per batch, interleaved (order
+    rotated every round), min and median over rounds. The layouts share one graph structure (same ops, same
+    initializer shapes and types), so they run the same kernels; this measures that on the host."""
+    from common import vit_b16_clip
+    from torch.utils import benchmark as torch_benchmark
+
+    from vlmcompress.adapters import adapter_for
+
+    model = vit_b16_clip()
+    graph = next(g for g in vx.graphs_for(model, adapter_for(model)) if g.name == "image_encoder")
+    vx.export_graph(graph, work / "image_encoder.onnx")
+    quantize_layouts(work / "image_encoder.onnx", work)
+    sessions = {layout: vx.session(work / layout / "image_encoder.onnx") for layout in LAYOUTS}
+    table: dict = {}
+    for batch in batch_sizes:
+        feed = {"pixel_values": torch.randn(batch, 3, 224, 224).numpy()}
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for r in range(rounds):
+            order = list(sessions)[r % len(sessions):] + list(sessions)[:r % len(sessions)]
+            for layout in order:
+                timer = torch_benchmark.Timer(stmt="s.run(None, f)", globals={"s": sessions[layout], "f": feed})
+                times[layout].append(timer.timeit(2).median * 1e3)
+        table[str(batch)] = {k: {"ms_min": round(min(v), 1), "ms_median": round(sorted(v)[len(v) // 2], 1)}
+                             for k, v in times.items()}
+    return {"model": "ViT-B/16 image encoder (random init, 224 px)", "threads": torch.get_num_threads(),
+            "rounds": rounds, "batch_sizes": table}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", nargs="*", default=["EPYC-Milan"], help="qemu CPU models to emulate")
     parser.add_argument("--models", nargs="*", default=["shapes-clip-small", "shapes-clip"])
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--speed", action="store_true", help="also time the layouts on ViT-B/16 on this CPU")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     cpus = args.cpus if shutil.which("qemu-x86_64") else []
     if args.cpus and not cpus:
@@ -151,6 +182,9 @@ def main() -> None:
         for name in args.models:
             (Path(tmp) / name).mkdir()
             results["recall"].append(recall(name, args.size, Path(tmp) / name, cpus))
+        if args.speed:
+            (Path(tmp) / "vit").mkdir()
+            results["speed_here"] = speed(Path(tmp) / "vit", [1, 8], args.rounds)
     write_json(results, args.json)
 
 

@@ -13,7 +13,7 @@ What is exported, per family (each graph has a dynamic batch axis; text graphs a
 Token reduction inside the vision tower is exported with it when its token counts are fixed by the schedule (ToMe:
 `r` per layer, so the tokens after every layer depend only on the input size). Anything that decides the number of
 tokens from the data would make a traced graph silently wrong on other inputs, so `check_exportable` refuses it:
-by the algorithm's declaration (`data_dependent` in the modeling code's reducer registry, or `FIXED_TOKEN_SCHEDULES`)
+by the algorithm's declaration (`data_dependent` in the modeling code's reducer registry)
 and by measuring the tokens per layer on different inputs.
 
 Path taken and why (transformers 5.23, torch 2.13, measured here):
@@ -66,10 +66,6 @@ FORMAT_VERSION = 1
 OPSET = 18
 SCHEMES = ("int8_dynamic", "fp32")
 FAMILIES = ("clip", "siglip", "llava")
-# token-reduction algorithms whose token counts follow a fixed per-layer schedule (they depend on the input size
-# only), so one traced graph is right for every input; consulted for algorithms that the modeling code's reducer
-# registry does not describe (see `fixed_schedule`); anything else is refused
-FIXED_TOKEN_SCHEDULES = {"tome"}
 # an fp32 graph must reproduce torch within this (relative to the largest output), or the export is refused
 FP32_TOLERANCE = 1e-4
 
@@ -195,15 +191,14 @@ def graphs_for(model: nn.Module, adapter) -> list[Graph]:
 def fixed_schedule(algorithm: str | None) -> bool:
     """Whether a token-reduction algorithm keeps a fixed number of tokens per layer (so it can be exported).
 
-    The modeling code's reducer registry decides where it declares `data_dependent`; otherwise the algorithm must be
-    in `FIXED_TOKEN_SCHEDULES`. Unknown algorithms are not exportable.
+    The algorithm's reducer decides (`data_dependent`, in the modeling code's registry); a checkpoint's block or
+    tower may also say `"data_dependent": true` (see `check_exportable`). Unknown algorithms are not exportable.
     """
-    from ..modeling import reduction
+    from ..modeling import algorithms  # noqa: F401  (registers the built-in reducers)
+    from ..modeling.reduction import REDUCERS
 
-    reducer = (getattr(reduction, "REDUCERS", None) or {}).get(algorithm)
-    if reducer is not None and hasattr(reducer, "data_dependent"):
-        return not reducer.data_dependent
-    return algorithm in FIXED_TOKEN_SCHEDULES
+    reducer = REDUCERS.get(algorithm)
+    return reducer is not None and not reducer.data_dependent
 
 
 def _tokens_seen(model: nn.Module, adapter, run) -> list[int]:

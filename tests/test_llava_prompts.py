@@ -7,7 +7,7 @@ from PIL import Image
 
 import vlmcompress
 from vlmcompress.modeling.modeling_vlmcompress import llava_image_token_counts
-from vlmcompress.modeling.reduction import shrink_placeholder_runs
+from vlmcompress.modeling.llava_tokens import shrink_placeholder_runs
 
 PROMPT = "user: <image> what shape ? assistant:"
 LONG_PROMPT = "user: <image> what is the colour of the red object ? assistant:"

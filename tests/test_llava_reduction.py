@@ -11,14 +11,9 @@ import pytest
 import torch
 from helpers import layer_tokens
 
-from vlmcompress.modeling.token_ops import (
-    fastv_keep_index,
-    iqr_outlier_count,
-    last_token_attention,
-    prumerge_keep_index,
-    prumerge_merge,
-    visionzip_merge,
-)
+from vlmcompress.modeling.fastv import fastv_keep_index, last_token_attention
+from vlmcompress.modeling.prumerge import iqr_outlier_count, prumerge_keep_index, prumerge_merge
+from vlmcompress.modeling.visionzip import visionzip_merge
 
 # ----------------------------------------------------------------------------------------------------------------
 # loop references
@@ -271,7 +266,7 @@ def padded_batch(seed=0):
 
 
 def test_fastv_scores_equal_eager_attention_of_layer_k():
-    from vlmcompress.modeling.llava_reduction import apply_fastv
+    from vlmcompress.modeling.fastv import apply_fastv
 
     eager = tiny().tiny_model(0)
     eager.set_attn_implementation("eager")
@@ -298,7 +293,7 @@ def test_fastv_scores_equal_eager_attention_of_layer_k():
 
 
 def test_fastv_identity_at_keep_ratio_one_and_changes_outputs_below():
-    from vlmcompress.modeling.llava_reduction import apply_fastv
+    from vlmcompress.modeling.fastv import apply_fastv
 
     base = tiny().tiny_model(0)
     inputs = tiny().example_inputs(base, batch_size=2)
@@ -535,7 +530,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(model, stage, fragments, tmp_path)
 def test_fastv_prefill_equals_a_layer_by_layer_reference():
     """Layers after K run on the kept tokens at their original positions: rebuilt here by hand from stock modules
     (rotary embeddings recomputed for the kept position ids, the causal + padding mask rebuilt for the kept tokens)."""
-    from vlmcompress.modeling.llava_reduction import apply_fastv
+    from vlmcompress.modeling.fastv import apply_fastv
 
     model = tiny().tiny_model(0)
     state = apply_fastv(model, {"layers_path": LLM_LAYERS, "inputs_path": "model", "layer": 1, "keep_ratio": 0.25,
@@ -573,7 +568,7 @@ def test_fastv_prefill_equals_a_layer_by_layer_reference():
 
 
 def test_kept_placeholder_mask_with_two_images_per_row_and_adjacent_runs():
-    from vlmcompress.modeling.llava_reduction import kept_placeholder_mask
+    from vlmcompress.modeling.llava_tokens import kept_placeholder_mask
 
     p = 9  # placeholder id; runs of 4
     ids = torch.tensor([[0, 1, p, p, p, p, p, p, p, p, 2],

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from vlmcompress.modeling.tome import bipartite_soft_matching
 from vlmcompress.modeling.token_ops import (
-    bipartite_soft_matching,
     do_nothing,
     merge_source,
     merge_wavg,

@@ -15,9 +15,8 @@ import torch
 import vlmcompress
 from vlmcompress.adapters import BUILTIN_TINY
 from vlmcompress.errors import VlmCompressError
-from vlmcompress.modeling.cross_pruning import cross_attention_probs
-from vlmcompress.modeling.token_ops import (cross_attention_keep_counts, received_cross_attention,
-                                            top_received_index)
+from vlmcompress.modeling.turbo import cross_attention_probs
+from vlmcompress.modeling.turbo import cross_attention_keep_counts, received_cross_attention, top_received_index
 
 BLIP = BUILTIN_TINY["tiny-blip"]
 

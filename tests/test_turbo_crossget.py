@@ -14,8 +14,9 @@ import torch
 import vlmcompress
 from vlmcompress.adapters import BUILTIN_TINY
 from vlmcompress.errors import VlmCompressError
-from vlmcompress.modeling.token_ops import (complete_graph_soft_matching, informativity_soft_matching, merge_wavg,
-                                            r_for_keep_ratio, token_schedule, turbo_semantic_weight)
+from vlmcompress.modeling.crossget import complete_graph_soft_matching
+from vlmcompress.modeling.token_ops import merge_wavg, r_for_keep_ratio, token_schedule
+from vlmcompress.modeling.turbo import informativity_soft_matching, turbo_semantic_weight
 
 # ----------------------------------------------------------------------------------------------------------------
 # Turbo kernel

@@ -8,6 +8,7 @@ card) and the source's processor files.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,8 +22,47 @@ from .modeling import configuration_vlmcompress as cfg_mod
 from .modeling import modeling_vlmcompress as model_mod
 
 MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_vlmcompress.py", "cross_pruning.py", "llava_reduction.py", "modeling_vlmcompress.py",
-                  "patching.py", "quantized.py", "reduction.py", "shapes.py", "token_ops.py")
+ENTRY_FILE = "modeling_vlmcompress.py"
+# the token-reduction algorithms' index; extended in a checkpoint whose algorithm is a plug-in (`modeling_files`)
+ALGORITHM_INDEX = "algorithms.py"
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def _with_relative_imports(path: Path, found: dict[str, Path]) -> dict[str, Path]:
+    """`path` and every sibling file it imports (`from .x import ...`, anywhere in the file), recursively."""
+    if path.name in found:
+        return found
+    found[path.name] = path
+    for name in _RELATIVE_IMPORT.findall(path.read_text()):
+        _with_relative_imports(path.parent / f"{name}.py", found)
+    return found
+
+
+def modeling_files(algorithm: str | None) -> dict[str, str]:
+    """`{file name: text}` of the modeling code a checkpoint ships: the entry file and every file it imports (with
+    the index `algorithms.py`, every built-in algorithm's file), and, when the checkpoint's token-reduction
+    `algorithm` is a registered plug-in, its file and what that imports, with the index extended to import it (so
+    stock transformers' remote-code loader, which copies the files a module imports, finds it)."""
+    import sys
+
+    from .modeling.reduction import REDUCERS
+
+    files = _with_relative_imports(MODELING_DIR / ENTRY_FILE, {})
+    index = MODELING_DIR / ALGORITHM_INDEX
+    files = _with_relative_imports(index, files)
+    texts = {name: path.read_text() for name, path in sorted(files.items())}
+    if algorithm is None or algorithm not in REDUCERS:
+        return texts
+    reducer = REDUCERS[algorithm]
+    path = Path(sys.modules[(reducer.reduce or reducer.patch).__module__].__file__)
+    if path.parent == MODELING_DIR and path.name in texts:
+        return texts  # a built-in algorithm: the static index already imports it
+    for name, source in _with_relative_imports(path, {}).items():
+        texts.setdefault(name, source.read_text())
+    built_in = texts[ALGORITHM_INDEX].replace("NAMES = (", f"NAMES = ({algorithm!r}, ")
+    texts[ALGORITHM_INDEX] = built_in.replace("\nNAMES = ", f"\nfrom .{path.stem} import REDUCER as PLUG_IN  "
+                                                             "# noqa: F401  (written by vlmcompress)\n\nNAMES = ", 1)
+    return texts
 
 
 def library_versions() -> dict[str, str]:
@@ -106,8 +146,9 @@ def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | 
     """
     folder = Path(folder)
     model.save_pretrained(folder, max_shard_size="2GB")
-    for name in MODELING_FILES:
-        shutil.copyfile(MODELING_DIR / name, folder / name)
+    algorithm = (getattr(model.config, "token_reduction", None) or {}).get("algorithm")
+    for name, text in modeling_files(algorithm).items():
+        (folder / name).write_text(text)
     if processor is not None:
         processor.save_pretrained(folder)
     if recipe_yaml is not None:

@@ -156,7 +156,8 @@ def inspect(
     """Show a model's family, components, heads and widths per layer, token schedule and parameters."""
     from .adapters import adapter_for
     from .checkpoint import per_layer_summary
-    from .modeling.cross_pruning import KIND as CROSS_PRUNING
+    from .modeling import algorithms  # noqa: F401  (what each algorithm's towers count)
+    from .modeling.reduction import counted_tokens
     from .models import load_model
     from .stages.base import count_params
 
@@ -170,10 +171,9 @@ def inspect(
             **summary,
             "token_reduction": {t["component"]: {"algorithm": reduction["algorithm"], "r": t["r"],
                                                  "tokens_per_layer": [t["num_tokens"], *t["tokens_per_layer"]],
-                                                 # BLIP + Turbo: the text encoder keeps its text tokens and prunes
-                                                 # the image tokens its cross-attention reads
-                                                 "counts": "image tokens read by cross-attention"
-                                                 if t.get("kind") == CROSS_PRUNING else "tokens"}
+                                                 # e.g. BLIP + Turbo: the text encoder keeps its text tokens and
+                                                 # prunes the image tokens its cross-attention reads
+                                                 "counts": counted_tokens(reduction["algorithm"], t)[1]}
                                 for t in reduction.get("towers", [])}}
     if as_json:
         print(json.dumps(info, indent=2))

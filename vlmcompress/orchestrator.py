@@ -23,7 +23,7 @@ from .bench import quick_speed
 from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
 from .errors import ModelLoadError, OutputError, StageOrderError
 from .model_card import model_card
-from .modeling.cross_pruning import KIND as CROSS_PRUNING
+from .modeling.reduction import counted_tokens
 from .models import load_model
 from .recipe import Recipe, load_recipe
 from .registry import get_method
@@ -258,9 +258,11 @@ def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_
 def run_report(ctx: RunContext, recipe: Recipe, params_before: int) -> dict[str, Any]:
     params_after = count_params(ctx.model)
     reduction = ctx.compression.get("token_reduction") or {}
-    # Turbo's pruning inside BLIP's text encoder counts image tokens: "text image"
-    towers = {t["component"] + (" image" if t.get("kind") == CROSS_PRUNING else ""):
-              [t["num_tokens"], *t["tokens_per_layer"]] for t in reduction.get("towers", [])}
+    towers = {}
+    for t in reduction.get("towers", []):
+        # a tower may count another stream's tokens (Turbo in BLIP's text encoder: image tokens, "text image")
+        stream, _ = counted_tokens(reduction["algorithm"], t)
+        towers[t["component"] + (f" {stream}" if stream else "")] = [t["num_tokens"], *t["tokens_per_layer"]]
     return {
         "base_model": recipe.model,
         "family": ctx.adapter.family,

@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
-from .errors import RecipeError, UnknownMethodError, closest, did_you_mean
+from .errors import RecipeError, UnknownMethodError, did_you_mean
 from .registry import get_method, list_methods
-from .stages.base import StageConfig, StrictModel
+from .stages.base import StageConfig, StrictModel, UnknownChoiceError
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -145,9 +145,16 @@ def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> R
             problems.append(_fmt(filename, lines, (*loc, "method"), str(e)))
             continue
         try:
-            stages.append(entry.config_cls.model_validate(raw))
+            config_cls = entry.config_cls.config_class(raw)
+        except UnknownChoiceError as e:
+            allowed = e.allowed
+            problems.append(_fmt(filename, lines, (*loc, e.key), f"{e.given!r} is not allowed"
+                                 f"{did_you_mean(str(e.given), allowed)}; expected one of: {', '.join(allowed)}"))
+            continue
+        try:
+            stages.append(config_cls.model_validate(raw))
         except ValidationError as e:
-            problems += [_fmt_pydantic(filename, lines, entry.config_cls, err, loc) for err in _one_per_loc(e)]
+            problems += [_fmt_pydantic(filename, lines, config_cls, err, loc) for err in _one_per_loc(e)]
     top = {k: v for k, v in data.items() if k != "stages"}
     try:
         recipe = Recipe.model_validate(top | {"stages": []})
@@ -276,6 +283,3 @@ def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
             return lines[loc[:n]]
     return None
 
-
-def suggest_keys(given: str, cls: type[BaseModel]) -> list[str]:
-    return closest(given, cls.model_fields)

@@ -15,6 +15,12 @@ from __future__ import annotations
 
 from transformers import Blip2Config, BlipConfig, CLIPConfig, LlavaConfig, SiglipConfig
 
+# Not used here: importing the algorithm index ties these config classes to the algorithms a checkpoint ships.
+# transformers maps a remote config class to the first model class loaded for it, and it caches remote modules by
+# the hash of a file and of the files it imports; without this import, a checkpoint with a plug-in algorithm loaded
+# after a built-in one in the same process would get the built-in one's model class.
+from .algorithms import NAMES as ALGORITHMS  # noqa: F401
+
 FORMAT_VERSION = 1
 
 

@@ -9,14 +9,25 @@ import only torch, transformers and each other.
 from __future__ import annotations
 
 import torch
-from transformers import (Blip2ForConditionalGeneration, BlipForImageTextRetrieval, CLIPModel,
-                          LlavaForConditionalGeneration, SiglipModel)
+from transformers import (
+    Blip2ForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    CLIPModel,
+    LlavaForConditionalGeneration,
+    SiglipModel,
+)
 
-from .configuration_vlmcompress import (VlmcBlip2Config, VlmcBlipConfig, VlmcCLIPConfig, VlmcLlavaConfig,
-                                        VlmcSiglipConfig)
-from .llava_reduction import LLAVA_LLM_ALGORITHMS, apply_llm_reduction, kept_placeholder_mask
+from .algorithms import NAMES as ALGORITHMS  # noqa: F401  (registers the token-reduction algorithms it names)
+from .configuration_vlmcompress import (
+    VlmcBlip2Config,
+    VlmcBlipConfig,
+    VlmcCLIPConfig,
+    VlmcLlavaConfig,
+    VlmcSiglipConfig,
+)
+from .llava_tokens import kept_placeholder_mask, shrink_placeholder_runs
 from .quantized import apply_quantization
-from .reduction import apply_token_reduction, shrink_placeholder_runs
+from .reduction import apply_token_reduction
 from .shapes import apply_shape_record, patch_fused_attention
 
 
@@ -26,11 +37,7 @@ def setup_compressed(model: torch.nn.Module) -> None:
     record = getattr(model.config, "vlmcompress", None) or {}
     apply_shape_record(model, record.get("param_shapes", {}), record.get("module_attrs", {}))
     patch_fused_attention(model, record.get("param_shapes", {}))
-    reduction = getattr(model.config, "token_reduction", None)
-    if reduction and reduction["algorithm"] in LLAVA_LLM_ALGORITHMS:
-        apply_llm_reduction(model, reduction)  # FastV: inside the language model
-    else:
-        apply_token_reduction(model, reduction)
+    apply_token_reduction(model, getattr(model.config, "token_reduction", None))
     apply_quantization(model, getattr(model.config, "quantization", None))
 
 

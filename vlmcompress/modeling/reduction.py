@@ -5,8 +5,11 @@ One patching mechanism serves every per-layer algorithm: the layers of a pre-nor
 That forward computes attention itself so that it can (1) hand the algorithm the attention internals it asks for
 (keys and queries of every head, the class token's attention row) without a second projection and without forcing
 eager attention, (2) add proportional attention (`log(size)` as a key bias, compatible with SDPA), and (3) work on
-towers whose heads were pruned. The algorithm is a `Reducer` looked up by name in `REDUCERS`; it runs after the
-attention residual and before the MLP (methods.md §1).
+towers whose heads were pruned. The algorithm is a `Reducer` looked up by name in `REDUCERS`, registered by its own
+file (`tome.py`, `turbo.py`, ...; `algorithms.py` imports them); it runs after the attention residual and before the MLP
+(methods.md §1), or after the MLP (`after_mlp`). A reducer declares what else it needs through hooks, never by name
+here: learned per-layer modules (`setup_layer`), tokens it adds to the sequence for the layer (`enter_layer` /
+`leave_layer`), towers of another kind that it patches itself (`tower_kinds`), or a whole other patching (`patch`).
 
 Per-call state (token sizes, tokens per layer, CrossGET's cross token, the text tower's padding and end-of-text
 positions) lives in one `ReductionState` per tower, reset by a pre-hook at the start of every forward of the tower.
@@ -21,10 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cross_pruning import KIND as CROSS_PRUNING, patch_cross_attention_pruning
 from .patching import swap_forward
-from .token_ops import (bipartite_soft_matching, complete_graph_soft_matching, informativity_soft_matching,
-                        merge_source, merge_wavg, turbo_semantic_weight)
 
 
 @dataclass
@@ -71,31 +71,70 @@ class AttentionInternals:
 
 @dataclass(frozen=True)
 class Reducer:
-    """A per-layer token reduction algorithm.
+    """A token reduction algorithm, as the shipped modeling code runs it.
 
     `reduce(layer, x, internals, state, r) -> x` maps `[B, N, D]` to `[B, N - r', D]` and updates `state.size`
     (and `state.source`, `state.old_to_new` where it tracks them). Flags: `cls_attention` (needs the class token's
-    attention row), `cross_token` (a learned token appended to the sequence, CrossGET), `order_preserving`
-    (survivors keep their order; needed for text towers), `data_dependent` (the token count depends on the input,
-    so the graph cannot be exported with fixed shapes), `after_mlp` (reduce the layer's output instead, after its
-    MLP: VisionZip and PruMerge reduce the output of LLaVA's feature layer).
+    attention row), `order_preserving` (survivors keep their order; needed for text towers), `data_dependent` (the
+    token count depends on the input, so the graph cannot be exported with fixed shapes), `after_mlp` (reduce the
+    layer's output instead, after its MLP: VisionZip and PruMerge reduce the output of LLaVA's feature layer).
+
+    Hooks (all optional):
+        setup_layer(layer): add the learned per-layer modules the algorithm needs (CrossGET's cross token), at
+            patching time, before the weights load, so they are part of the state dict.
+        enter_layer(layer, x, state) -> x / leave_layer(layer, x, state) -> x: change the sequence around one
+            layer (CrossGET appends its cross token before attention and takes it off after the MLP).
+        tower_kinds: `{kind: patch(model, tower, options) -> state}` for checkpoint towers with a `kind` that are
+            not encoder layers (Turbo's pruning of image tokens in BLIP's text encoder).
+        counted: `{kind: (stream, description)}`: what the token counts of such a tower count, when it is not the
+            tower's own tokens (`("image", "image tokens read by cross-attention")`), for reports.
+        patch(model, tower, options) -> state: patch a tower entirely by itself (FastV: the decoder layers of the
+            language model); `reduce` is then unused.
     """
 
     name: str
-    reduce: Callable[..., torch.Tensor]
+    reduce: Callable[..., torch.Tensor] | None = None
     cls_attention: bool = False
-    cross_token: bool = False
     order_preserving: bool = False
     data_dependent: bool = False
     after_mlp: bool = False
+    setup_layer: Callable[[nn.Module], None] | None = None
+    enter_layer: Callable[..., torch.Tensor] | None = None
+    leave_layer: Callable[..., torch.Tensor] | None = None
+    tower_kinds: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    counted: dict[str, tuple[str, str]] = field(default_factory=dict)
+    patch: Callable[..., Any] | None = None
 
 
 REDUCERS: dict[str, Reducer] = {}
 
 
 def register_reducer(reducer: Reducer) -> Reducer:
+    """Register `reducer` under its name; checked like the method registry: a name is taken once (registering the
+    same reducer again, as a module reload does, is allowed) and a reducer needs `reduce` or `patch`."""
+    if not isinstance(reducer, Reducer):
+        raise TypeError(f"register_reducer takes a Reducer, got {type(reducer).__name__}")
+    if reducer.reduce is None and reducer.patch is None:
+        raise ValueError(f"reducer {reducer.name!r} needs a reduce function or a patch function")
+    known = REDUCERS.get(reducer.name)
+    if known is not None and known != reducer and _qualname(known) != _qualname(reducer):
+        raise ValueError(f"token-reduction algorithm {reducer.name!r} is already registered by "
+                         f"{_qualname(known)}; choose another name")
     REDUCERS[reducer.name] = reducer
     return reducer
+
+
+def counted_tokens(algorithm: str, tower: dict) -> tuple[str | None, str]:
+    """(stream, description) of the tokens a checkpoint tower's counts count: `(None, "tokens")` for its own."""
+    reducer = REDUCERS.get(algorithm)
+    if reducer is None or tower.get("kind") not in reducer.counted:
+        return None, "tokens"
+    return reducer.counted[tower["kind"]]
+
+
+def _qualname(reducer: Reducer) -> str:
+    fn = reducer.reduce or reducer.patch
+    return f"{fn.__module__.rpartition('.')[2]}.{fn.__qualname__}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,15 +224,8 @@ def reducing_layer_forward(self, hidden_states: torch.Tensor, attention_mask=Non
     x = hidden_states
     if reducer.order_preserving and state.old_to_new is None:
         state.old_to_new = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-    if reducer.cross_token:
-        if state.size is None:
-            state.size = torch.ones_like(x[..., :1])
-        if state.cross is None:
-            state.cross = initial_cross_token(x, state)
-        x = torch.cat([x, state.cross.detach() + self.vlmc_cross_token.to(x.dtype)], dim=1)
-        state.size = torch.cat([state.size, torch.ones_like(state.size[:, :1])], dim=1)
-        if state.valid is not None:
-            state.valid = torch.cat([state.valid, state.valid.new_ones(x.shape[0], 1)], dim=1)
+    if reducer.enter_layer is not None:
+        x = reducer.enter_layer(self, x, state)
     bias = attention_bias(state, x.shape[1], attention_mask, x.dtype, x.device)
     attn_out, internals = attention_with_internals(self.self_attn, self.layer_norm1(x), bias,
                                                    want_cls_attention=reducer.cls_attention and self._vlmc_r > 0,
@@ -204,102 +236,12 @@ def reducing_layer_forward(self, hidden_states: torch.Tensor, attention_mask=Non
     x = x + self.mlp(self.layer_norm2(x))
     if reducer.after_mlp:
         x = reducer.reduce(self, x, internals, state, self._vlmc_r)
-    if reducer.cross_token:
-        state.cross, x = x[:, -1:], x[:, :-1]
-        state.size = state.size[:, :-1]
-        if state.valid is not None:
-            state.valid = state.valid[:, :-1]
+    if reducer.leave_layer is not None:
+        x = reducer.leave_layer(self, x, state)
     state.tokens.append(x.shape[1])
     if self._vlmc_last and state.text is not None and state.old_to_new is not None:
         x = x.gather(1, state.old_to_new[..., None].expand(-1, -1, x.shape[-1]))
     return x
-
-
-def initial_cross_token(x: torch.Tensor, state: ReductionState) -> torch.Tensor:
-    """CrossGET's cross token before the first layer `[B, 1, D]`: a copy of the class token (vision), of the
-    end-of-text token (text), or the mean token (a vision tower without a class token)."""
-    if state.text is not None:
-        return x[state.eot][:, None]
-    return x[:, :1] if state.class_token else x.mean(dim=1, keepdim=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the algorithms
-
-
-def reduce_tome(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
-    """ToMe: bipartite soft matching on the keys averaged over heads, size-weighted merging."""
-    if r <= 0:
-        return x
-    merge, _ = bipartite_soft_matching(internals.keys.mean(dim=1), r, class_token=state.class_token)
-    return _merge_tracked(merge, x, state)
-
-
-def reduce_turbo(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
-    """Turbo: ToMe's matching with A tokens ranked by redundancy minus weighted CLS attention (methods.md §5a).
-    Layers entered by fewer than `r_threshold` tokens merge nothing (they still count as merging layers)."""
-    if r <= 0:
-        return x
-    o = state.options
-    weight = turbo_semantic_weight(o.get("alpha", 5.0), o.get("beta", 1.0), o.get("gamma", 0.0), state.merging_layers)
-    state.merging_layers += 1
-    if x.shape[1] < o.get("r_threshold", 0):
-        return x
-    merge, _ = informativity_soft_matching(internals.keys.mean(dim=1), internals.cls_attention, r, weight,
-                                           class_token=state.class_token)
-    return _merge_tracked(merge, x, state)
-
-
-def _merge_tracked(merge: Callable, x: torch.Tensor, state: ReductionState) -> torch.Tensor:
-    if state.trace_source:
-        state.source = merge_source(merge, x, state.source)
-    x, state.size = merge_wavg(merge, x, state.size)
-    return x
-
-
-def reduce_crossget(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
-    """CrossGET: complete-graph matching of the keys (all heads), importance = cosine of each key with the cross
-    token's query (the end-of-text token's query on text towers), weighted ensemble, order kept (methods.md §3b).
-    `x` ends with the cross token, which is protected like the class / end-of-text tokens."""
-    if r <= 0:
-        return x
-    b, n, _ = x.shape
-    keys = internals.keys.transpose(1, 2).reshape(b, n, -1)  # [B, N, D]: full-width keys
-    queries = internals.queries.transpose(1, 2).reshape(b, n, -1)
-    protected = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-    protected[:, -1] = True  # the cross token
-    if state.text is not None:
-        protected[:, :-1] |= state.eot
-        protected[:, 0] = True  # begin-of-text
-        guide = queries[:, :-1][state.eot][:, None]  # [B, 1, D] the end-of-text query
-    else:
-        protected[:, 0] |= state.class_token
-        guide = queries[:, -1:]
-    importance = (F.normalize(keys.float(), dim=-1) @ F.normalize(guide.float(), dim=-1).transpose(1, 2))[..., 0]
-    group = None
-    if state.valid is not None:
-        group = (~state.valid).long()
-        # padding carries nothing: merge it (among itself) before any text token
-        importance = importance.masked_fill(~state.valid, -1e4)
-    num_protected = 3 if state.text is not None else 1 + int(state.class_token)
-    matched = complete_graph_soft_matching(keys, importance, r, protected=protected, group=group,
-                                           num_protected=num_protected)
-    if matched is None:
-        return x
-    merge, kept, old_to_new = matched
-    x, state.size = merge(x, state.size)
-    if state.valid is not None:
-        state.valid = state.valid.gather(1, kept)
-    if state.eot is not None:
-        state.eot = state.eot.gather(1, kept[:, :-1])  # the cross token (last) stays last and is not text
-    if state.old_to_new is not None:
-        state.old_to_new = old_to_new[:, :-1].gather(1, state.old_to_new)
-    return x
-
-
-register_reducer(Reducer("tome", reduce_tome))
-register_reducer(Reducer("turbo", reduce_turbo, cls_attention=True))
-register_reducer(Reducer("crossget", reduce_crossget, cross_token=True, order_preserving=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,14 +284,19 @@ def end_of_text_mask(input_ids: torch.Tensor, text: dict[str, Any]) -> torch.Ten
     return F.one_hot(index, n).bool()
 
 
-def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options: dict | None = None) -> ReductionState:
-    """Turn the encoder layers at `tower["layers_path"]` into reducing layers with per-layer `tower["r"]`."""
-    if tower.get("kind") == CROSS_PRUNING:  # Turbo's pruning of the image tokens in BLIP's text encoder
-        return patch_cross_attention_pruning(model, tower, options)
+def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options: dict | None = None) -> Any:
+    """Turn the encoder layers at `tower["layers_path"]` into reducing layers with per-layer `tower["r"]` (or hand
+    the tower to the reducer's own patcher for its `kind`, or for the whole algorithm)."""
     if algorithm not in REDUCERS:
         raise ValueError(f"token_reduction.algorithm {algorithm!r} is not supported by this modeling code "
                          f"(supported: {', '.join(REDUCERS)})")
     reducer = REDUCERS[algorithm]
+    if tower.get("kind") is not None:
+        if tower["kind"] not in reducer.tower_kinds:
+            raise ValueError(f"token_reduction tower kind {tower['kind']!r} is not supported by {algorithm}")
+        return reducer.tower_kinds[tower["kind"]](model, tower, options)
+    if reducer.patch is not None:
+        return reducer.patch(model, tower, options)
     layers = model.get_submodule(tower["layers_path"])
     text = tower.get("text")
     state = ReductionState(algorithm=algorithm, class_token=tower["class_token"],
@@ -360,12 +307,8 @@ def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options:
         layer._vlmc_state = state
         layer._vlmc_r = int(r)
         layer._vlmc_last = i == len(layers) - 1
-        if reducer.cross_token and "vlmc_cross_token" not in layer._parameters:
-            width = layer.layer_norm1.normalized_shape[0]
-            weight = layer.layer_norm1.weight
-            # CrossGET's per-layer cross token, zero-initialised (learned by a later stage); saved in the state dict
-            layer.register_parameter("vlmc_cross_token",
-                                     nn.Parameter(torch.zeros(width, dtype=weight.dtype, device=weight.device)))
+        if reducer.setup_layer is not None:
+            reducer.setup_layer(layer)
     hook_path = tower.get("hook_path") or tower["layers_path"].rpartition(".")[0]
     owner = model.get_submodule(hook_path)
     if getattr(owner, "_vlmc_hook", None) is not None:
@@ -376,38 +319,9 @@ def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options:
     return state
 
 
-def apply_token_reduction(model: nn.Module, spec: dict | None) -> dict[str, ReductionState]:
+def apply_token_reduction(model: nn.Module, spec: dict | None) -> dict[str, Any]:
     """Patch every tower named in a checkpoint's `token_reduction` block; returns the state per component."""
     if not spec:
         return {}
     return {tower["component"]: patch_tower(model, tower, spec["algorithm"], spec.get("options"))
             for tower in spec["towers"]}
-
-
-def shrink_placeholder_runs(
-    input_ids: torch.Tensor, token_id: int, full: int, keep: int, *aligned: torch.Tensor | None
-) -> tuple[torch.Tensor, ...]:
-    """Shorten every run of `full` placeholder tokens to its first `keep` tokens.
-
-    A processor writes one placeholder per image patch; after token reduction the vision tower hands fewer tokens to
-    the language model, so the prompt must hold fewer placeholders. Every row must lose the same number of tokens.
-
-    Args:
-        input_ids: `[B, L]`. aligned: tensors `[B, L, ...]` (attention mask, labels, position ids) shortened alike.
-    Returns:
-        `input_ids` `[B, L']` followed by the shortened `aligned` tensors (None stays None).
-    """
-    is_placeholder = input_ids == token_id
-    # index of each placeholder inside its run: placeholders seen so far minus those seen before the run began
-    seen = is_placeholder.long().cumsum(dim=1)
-    before_run = torch.cummax(torch.where(is_placeholder, torch.zeros_like(seen), seen), dim=1).values
-    index_in_run = seen - before_run - 1
-    keep_mask = ~is_placeholder | ((index_in_run % full) < keep)
-    kept = keep_mask.sum(dim=1)
-    if not bool((kept == kept[0]).all()):
-        raise ValueError("every row of the batch must hold the same number of images for token reduction")
-    new_len = int(kept[0])
-    out = [input_ids[keep_mask].view(input_ids.shape[0], new_len)]
-    for t in aligned:
-        out.append(None if t is None else t[keep_mask].view(t.shape[0], new_len, *t.shape[2:]))
-    return tuple(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +22,20 @@ class StageConfig(StrictModel):
     """Base class of a stage's recipe entry; subclasses narrow `method` to a `Literal`."""
 
     method: str
+
+    @classmethod
+    def config_class(cls, data: Any) -> type[StageConfig]:
+        """The class that validates the recipe entry `data`: this one, or (for a method with plug-in choices, such
+        as token_reduce's `algorithm:`) the registered subclass that `data` chooses; raises `UnknownChoiceError`."""
+        return cls
+
+
+class UnknownChoiceError(ValueError):
+    """A recipe value that chooses a plug-in (`algorithm:`, `importance:`, `backend:`) which is not registered."""
+
+    def __init__(self, key: str, given: Any, allowed: list[str]):
+        self.key, self.given, self.allowed = key, given, allowed
+        super().__init__(f"{key}: {given!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -117,11 +130,3 @@ def count_params(model: torch.nn.Module) -> int:
             total += p.numel()
     return total
 
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

@@ -1,4 +1,8 @@
-"""Turbo's cross-attention-guided pruning of image tokens inside BLIP's text encoder, rebuilt from the checkpoint.
+"""Turbo (Ju et al., ECCV 2024), `algorithm: turbo`: ToMe's matching with the tokens ranked by redundancy minus
+`alpha`-weighted class-token attention (informativity), weighted over layers by `beta` / `gamma` (methods.md §5a);
+and, on BLIP, cross-attention-guided pruning of the image tokens inside the text encoder.
+
+The text-encoder pruning, rebuilt from the checkpoint:
 
 BLIP's image-grounded text encoder (the ITM path) hands the same image tokens (`encoder_hidden_states`) to the
 cross-attention of every layer. Turbo (methods.md §5a) shrinks them progressively: after text layer `i`, only the
@@ -19,14 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .patching import swap_forward
-from .token_ops import cross_attention_keep_counts, gather_tokens, received_cross_attention, top_received_index
+from .reduction import AttentionInternals, Reducer, ReductionState, register_reducer
+from .token_ops import do_nothing, gather_tokens
+from .tome import _bipartite_merge, _bipartite_scores, merge_tracked
 
 KIND = "cross_attention_pruning"
 
@@ -132,3 +138,136 @@ def patch_cross_attention_pruning(model: nn.Module, tower: dict, options: dict |
     encoder._vlmc_cross_state = state
     encoder._vlmc_cross_hooks = hooks
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+def informativity_soft_matching(
+    metric: torch.Tensor,
+    cls_attention: torch.Tensor,
+    r: int,
+    semantic_weight: float,
+    class_token: bool = True,
+) -> tuple[Callable, Callable]:
+    """
+    Turbo's informativity-driven matching: ToMe's bipartite matching with the A tokens ranked by mutual redundancy
+    minus semantic value, so that tokens the class token attends to are merged last.
+
+    The score of A token `i` with B token `j` is `cos(metric_i, metric_j) - semantic_weight * cls_attention_i`. The
+    second term is constant along a row, so it changes only *which* A tokens merge, not where they go.
+
+    Args:
+        metric (`torch.Tensor` of shape `(batch_size, num_tokens, channels)`): keys averaged over heads.
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_tokens)`): attention of the class token (query 0) to
+            every token, averaged over heads (rows sum to 1).
+        r (`int`): tokens to remove, clamped as in [`bipartite_soft_matching`].
+        semantic_weight (`float`): the weight of the semantic value, see [`turbo_semantic_weight`].
+        class_token (`bool`): whether index 0 is a class token, which is never merged.
+
+    Returns:
+        `(merge, unmerge)` with the semantics of [`bipartite_soft_matching`].
+    """
+    num_tokens = metric.shape[-2]
+    r = min(r, (num_tokens - int(class_token)) // 2)
+    if r <= 0:
+        return do_nothing, do_nothing
+    with torch.no_grad():
+        scores = _bipartite_scores(metric) - semantic_weight * cls_attention[..., ::2, None].to(metric.dtype)
+    return _bipartite_merge(scores, r, class_token, num_tokens)
+
+
+def turbo_semantic_weight(alpha: float, beta: float, gamma: float, merging_layer: int) -> float:
+    """Turbo's weight of the semantic value at the `merging_layer`-th merging layer (0-based):
+    `30 * alpha * beta ** |gamma - merging_layer|` (the factor 30 brings attention proportions, about 1 / num_tokens
+    each, to the scale of cosine similarities; with `beta = 1` the weight is the same at every layer)."""
+    return 30.0 * alpha * beta ** abs(gamma - merging_layer)
+
+
+def cross_attention_keep_counts(num_tokens: int, num_layers: int, step: float = 0.07,
+                                min_keep: float = 0.2) -> list[int]:
+    """
+    Image tokens Turbo keeps after each text-encoder layer: `k_i = max(N0 · min_keep, (1 − step · (i + 1)) · N0)`,
+    rounded down, clamped to `[1, N0]`.
+
+    Args:
+        num_tokens (`int`): `N0`, the image tokens entering the text encoder (class token included).
+        num_layers (`int`): text-encoder layers.
+        step (`float`): fraction of `N0` dropped per layer (Turbo: 0.07).
+        min_keep (`float`): floor, as a fraction of `N0` (Turbo: 0.2, i.e. `N0 · (1 − 0.8)`).
+
+    Returns:
+        `list[int]` of length `num_layers`, non-increasing: `k_i` for layer `i` (the count the next layer sees).
+    """
+    if num_tokens <= 0:
+        return [0] * num_layers
+    # the small epsilon keeps exact products such as (1 - 0.07 * 10) * 100 = 30 from flooring to 29
+    floor = math.floor(min_keep * num_tokens + 1e-6)
+    return [max(1, min(num_tokens, max(floor, math.floor((1.0 - step * (i + 1)) * num_tokens + 1e-6))))
+            for i in range(num_layers)]
+
+
+def received_cross_attention(probs: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Cross-attention each image token receives: the attention probabilities summed over heads and text queries.
+
+    Args:
+        probs (`torch.Tensor` of shape `(batch_size, num_heads, num_queries, num_tokens)`):
+            Softmax of the text queries over the image tokens.
+        query_valid (`torch.Tensor` of shape `(batch_size, num_queries)`, bool, *optional*):
+            Text queries that count (False for padding, so that a padded sample scores like the same sample alone).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_tokens)`, float32.
+    """
+    per_query = probs.float().sum(dim=1)  # [B, Lq, N]
+    if query_valid is not None:
+        per_query = per_query * query_valid[..., None].to(per_query.dtype)
+    return per_query.sum(dim=1)
+
+
+def top_received_index(received: torch.Tensor, num_keep: int, keep_first: bool = True) -> torch.Tensor:
+    """
+    The `num_keep` image tokens that received the most cross-attention, in their original order.
+
+    Args:
+        received (`torch.Tensor` of shape `(batch_size, num_tokens)`): [`received_cross_attention`].
+        num_keep (`int`): tokens kept per sample, clamped to `[1, num_tokens]`.
+        keep_first (`bool`): always keep token 0 (the image class token), whatever it received.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_keep)`, long, ascending in every row; equal scores go to the earlier
+        token.
+    """
+    num_keep = max(1, min(int(num_keep), received.shape[1]))
+    priority = received.float()
+    if keep_first:
+        priority = priority.clone()
+        priority[:, 0] = math.inf
+    order = priority.argsort(dim=1, descending=True, stable=True)
+    return order[:, :num_keep].sort(dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reducer
+
+
+def reduce_turbo(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
+    """Turbo: ToMe's matching with A tokens ranked by redundancy minus weighted CLS attention (methods.md §5a).
+    Layers entered by fewer than `r_threshold` tokens merge nothing (they still count as merging layers)."""
+    if r <= 0:
+        return x
+    o = state.options
+    weight = turbo_semantic_weight(o.get("alpha", 5.0), o.get("beta", 1.0), o.get("gamma", 0.0), state.merging_layers)
+    state.merging_layers += 1
+    if x.shape[1] < o.get("r_threshold", 0):
+        return x
+    merge, _ = informativity_soft_matching(internals.keys.mean(dim=1), internals.cls_attention, r, weight,
+                                           class_token=state.class_token)
+    return merge_tracked(merge, x, state)
+
+
+REDUCER = register_reducer(Reducer("turbo", reduce_turbo, cls_attention=True,
+                                   tower_kinds={KIND: patch_cross_attention_pruning},
+                                   counted={KIND: ("image", "image tokens read by cross-attention")}))

@@ -1,13 +1,6 @@
-"""Visual-token reduction for LLaVA-style models, rebuilt from the checkpoint's `token_reduction` block.
-
-- FastV (Chen et al., ECCV 2024), `algorithm: fastv`: drops the least attended image tokens inside the language model.
-- VisionZip (Yang et al., 2024), `algorithm: visionzip`, and LLaVA-PruMerge (Shang et al., 2024),
-  `algorithm: prumerge`: reduce the image tokens at the output of the vision encoder's feature layer (LLaVA's
-  `vision_feature_layer`), as reducers of `reduction.py`'s registry (the reducing encoder layers hand them the
-  class token's attention row and the keys); the language model then receives fewer image tokens, and the LLaVA
-  class shortens the processor's placeholder runs to match.
-
-FastV. The first `K = layer` decoder layers run on the whole prompt. At layer K (index `K - 1`) the attention of the
+"""FastV (Chen et al., ECCV 2024), `algorithm: fastv`: drops the least attended image tokens inside the language model
+of a LLaVA-style model, rebuilt from the checkpoint's `token_reduction` block.
+ The first `K = layer` decoder layers run on the whole prompt. At layer K (index `K - 1`) the attention of the
 last prompt token to every image token, averaged over heads, ranks the image tokens; the lowest ones leave the hidden
 states and layers `K + 1 ...` (indices `K ...`) run on the shorter sequence. Kept tokens keep their original
 positions: their rotary embeddings and position ids are gathered, not recomputed. The pruned layers' KV caches are
@@ -29,6 +22,7 @@ rotate-half rotary embeddings) with a dynamic (growing) KV cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +30,72 @@ import torch
 from torch import nn
 
 from .patching import swap_forward
-from .reduction import AttentionInternals, ReductionState, Reducer, class_attention, register_reducer
-from .token_ops import (fastv_keep_index, gather_tokens, iqr_outlier_count, keep_count, last_token_attention,
-                        prumerge_keep_index, prumerge_merge, visionzip_merge)
+from .reduction import Reducer, register_reducer
+from .token_ops import gather_tokens, keep_count
 
-LLAVA_LLM_ALGORITHMS = ("fastv",)  # algorithms that run inside the language model
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+def last_token_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """
+    Attention probabilities of one query per sample over all keys, averaged over heads (FastV's image-token score).
+
+    Args:
+        query (`torch.Tensor` of shape `(batch_size, num_heads, head_dim)`):
+            The query of the last prompt token, after rotary embedding.
+        keys (`torch.Tensor` of shape `(batch_size, num_kv_heads, seq_len, head_dim)`):
+            The keys of the same layer, after rotary embedding. Under grouped-query attention `num_heads` is a
+            multiple of `num_kv_heads`, and key head `j` serves query heads `j * groups ... (j + 1) * groups - 1`.
+        valid (`torch.Tensor` of shape `(batch_size, seq_len)`, bool):
+            Keys the query attends to (False for padding and for tokens after the query).
+        scale (`float`):
+            Factor on the dot products (`head_dim ** -0.5` in Llama).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, seq_len)`, float32: the softmax row of every head, averaged over heads;
+        0 on invalid keys.
+    """
+    b, h, d = query.shape
+    groups = h // keys.shape[1]
+    # [B, Hkv, groups, d] x [B, Hkv, L, d] -> [B, Hkv, groups, L], without materialising repeated keys
+    logits = torch.einsum("bkgd,bkld->bkgl", query.reshape(b, -1, groups, d).float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
+
+
+def fastv_keep_index(scores: torch.Tensor, image_mask: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """
+    Positions FastV keeps: every non-image token, plus the `num_keep` image tokens of each row with the highest score.
+
+    Args:
+        scores (`torch.Tensor` of shape `(batch_size, seq_len)`):
+            Attention each token receives from the last prompt token ([`last_token_attention`]).
+        image_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, bool):
+            Image-token positions. Every row must hold the same number of image tokens, so that every row drops the
+            same number and the batch stays rectangular; padding tokens are non-image tokens and are kept.
+        num_keep (`int`):
+            Image tokens kept per row, clamped to `[0, image tokens per row]`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, seq_len - dropped)`, long, ascending in every row: the kept positions in
+        their original order, so gathering hidden states, position ids and masks with it keeps the sequence causal
+        and every token at its original position. Equal scores go to the earlier position.
+    """
+    batch_size, seq_len = image_mask.shape
+    n_image = image_mask.sum(dim=1)
+    if bool((n_image != n_image[0]).any()):
+        raise ValueError(f"every row must hold the same number of image tokens for FastV, got {n_image.tolist()}")
+    drop = int(n_image[0]) - max(0, min(int(num_keep), int(n_image[0])))
+    if drop == 0:
+        return torch.arange(seq_len, device=image_mask.device).expand(batch_size, seq_len)
+    priority = scores.float().masked_fill(~image_mask, math.inf)  # text and padding always stay
+    order = priority.argsort(dim=1, descending=True, stable=True)
+    return order[:, : seq_len - drop].sort(dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the decoder layers
 
 
 @dataclass
@@ -238,90 +293,10 @@ def apply_fastv(model: nn.Module, tower: dict) -> FastVState:
     return state
 
 
-def apply_llm_reduction(model: nn.Module, spec: dict) -> dict[str, FastVState]:
-    """Patch every language-model tower named in a checkpoint's `token_reduction` block."""
-    if spec["algorithm"] != "fastv":
-        raise ValueError(f"token_reduction.algorithm {spec['algorithm']!r} is not a language-model algorithm")
-    return {tower["component"]: apply_fastv(model, tower) for tower in spec["towers"]}
+def patch_fastv(model: nn.Module, tower: dict, options: dict | None = None) -> FastVState:
+    """The reducer's patcher: FastV works on the language model's decoder layers, not on encoder layers."""
+    return apply_fastv(model, tower)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# VisionZip and PruMerge: reducers of the vision tower's feature layer (run after that layer's MLP)
-
-
-def _feature_layer_internals(layer, internals: AttentionInternals, state: ReductionState):
-    """(class-token attention `[B, N]` averaged over heads, keys `[B, heads, N, head_dim]`) of the feature layer."""
-    cls = internals.cls_attention
-    if cls is None:  # the layer computes it only when its r > 0 (not so in PruMerge's adaptive mode)
-        cls = class_attention(internals.queries, internals.keys, layer.self_attn.scale, None, state.class_token)
-    return cls, internals.keys
-
-
-def reduce_visionzip(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
-    """VisionZip at the feature layer `options["layer"]`: `[CLS, dominant, contextual]` (methods.md §8)."""
-    o = state.options
-    if len(state.tokens) != o["layer"]:  # state.tokens holds one entry per layer already run in this forward
-        return x
-    cls, keys = _feature_layer_internals(layer, internals, state)
-    x, source = visionzip_merge(x, cls, keys.mean(dim=1), o["dominant"], o["contextual"], return_source=True)
-    return _place(x, source, state)
-
-
-def reduce_prumerge(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
-    """PruMerge(+) at the feature layer `options["layer"]`: outliers of the class-token attention (adaptive: IQR
-    over the batch; fixed: a given count), each absorbing its key-similar neighbours, plus the extra token."""
-    o = state.options
-    if len(state.tokens) != o["layer"]:
-        return x
-    cls, keys = _feature_layer_internals(layer, internals, state)
-    b, _, n, _ = keys.shape
-    attn = cls[:, 1:]
-    if o["mode"] == "adaptive":
-        outliers = iqr_outlier_count(attn)
-        total = min(n - 1, 4 * outliers) if o["plus"] else outliers  # PruMerge+: about 3 stride points per outlier
-    else:
-        outliers, total = o["outliers"], o["selected"]
-    if o.get("keep_positions") and o["extra_token"]:
-        # the extra token needs a free position: at least one patch must be dropped
-        outliers, total = min(outliers, n - 2), min(total, n - 2)
-    keep = prumerge_keep_index(attn, outliers, total)
-    full_keys = keys.transpose(1, 2).reshape(b, n, -1)  # PruMerge compares full-width keys
-    x = prumerge_merge(x, cls, full_keys, keep, o["neighbours"], o["extra_token"])
-    source = [torch.zeros_like(keep[:, :1]), keep + 1]
-    if o["extra_token"]:  # it sums the dropped patches: it stands where the first dropped patch stood
-        dropped = torch.ones_like(attn, dtype=torch.int8).scatter(1, keep, 0)
-        source.append(dropped.argmax(dim=1, keepdim=True) + 1)
-    return _place(x, torch.cat(source, dim=1), state)
-
-
-def _place(x: torch.Tensor, source: torch.Tensor, state: ReductionState) -> torch.Tensor:
-    """Record where each token stands (`state.source_index`); with `keep_positions`, order the tokens by it, so that
-    LLaVA can hand them to the language model at their original positions (in order)."""
-    if state.options.get("keep_positions"):
-        order = source.argsort(dim=1)
-        x, source = gather_tokens(x, order), source.gather(1, order)
-    state.source_index = source
-    return x
-
-
-def kept_placeholder_mask(input_ids: torch.Tensor, token_id: int, full: int, offsets: torch.Tensor) -> torch.Tensor:
-    """`[B, L]` bool: True for every non-placeholder token and for the placeholders whose offset in their image's run
-    is among that image's kept `offsets` (`[num_images, k]`, images in the row-major order of the runs), so that
-    selecting with it shortens a processor's prompt to the reduced image tokens at their original places.
-
-    Runs hold `full` placeholders each (adjacent images' runs are told apart by counting).
-    """
-    is_placeholder = input_ids == token_id
-    seen = is_placeholder.long().cumsum(dim=1)
-    before_run = torch.cummax(torch.where(is_placeholder, torch.zeros_like(seen), seen), dim=1).values
-    index = ((seen - before_run - 1) % full).clamp_min(0)
-    run_id = (is_placeholder & (index == 0)).flatten().long().cumsum(0).view_as(input_ids) - 1
-    if int(run_id.max()) + 1 != offsets.shape[0]:
-        raise ValueError(f"the prompt holds {int(run_id.max()) + 1} image placeholder runs but {offsets.shape[0]} "
-                         "images were encoded")
-    table = torch.zeros(offsets.shape[0], full, dtype=torch.bool, device=input_ids.device).scatter(1, offsets, True)
-    return ~is_placeholder | table[run_id.clamp_min(0), index]
-
-
-register_reducer(Reducer("visionzip", reduce_visionzip, cls_attention=True, after_mlp=True))
-register_reducer(Reducer("prumerge", reduce_prumerge, cls_attention=True, after_mlp=True))
+# the language model is patched as a whole (`patch`); the vision-tower forward of `reduction.py` is not used
+REDUCER = register_reducer(Reducer("fastv", patch=patch_fastv))
