@@ -152,7 +152,7 @@ def test_prompt_has_the_processor_placeholders(name):
 
 
 def test_timed_decode_is_greedy_decoding_with_the_cache():
-    from vlmcompress.bench import WORKLOADS, _pixels
+    from vlmcompress.measure.workloads import WORKLOADS, _pixels
 
     adapter = BUILTIN_TINY["tiny-llava"]
     model = adapter.tiny_model().requires_grad_(False)

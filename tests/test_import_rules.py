@@ -3,7 +3,7 @@
 - `vlmcompress/modeling/` ships inside checkpoints: it imports only a few stdlib modules, torch, transformers,
   tokenizers and its siblings (one-dot relative imports), plus quantization backends lazily (inside functions);
 - nothing but `vlmcompress/__main__.py` imports the CLI;
-- `integrations/` (installed as `vlmcompress.integrations`) never imports `stages`;
+- `vlmcompress/integrations/` never imports `stages`;
 - `stages/` never imports `recipe`, `orchestrator` or `cli`;
 - `adapters/` never imports `stages`, `orchestrator`, `recipe` or `cli`.
 """
@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vlmcompress"
-INTEGRATIONS = ROOT / "integrations"
+INTEGRATIONS = PACKAGE / "integrations"
 
 MODELING_STDLIB = {"math", "typing", "dataclasses", "__future__", "collections", "json", "os", "re", "functools",
                    "warnings"}
@@ -45,10 +45,7 @@ class Import:
 
 
 def module_name(path: Path) -> str:
-    if path.is_relative_to(INTEGRATIONS):
-        parts = ["vlmcompress", "integrations", *path.relative_to(INTEGRATIONS).with_suffix("").parts]
-    else:
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)

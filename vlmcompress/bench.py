@@ -60,372 +60,36 @@ strings given (a second, equal name gets " #2" appended). Batch sizes are JSON o
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import inspect
 import math
-import os
-import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import benchmark as torch_benchmark
-from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import ModelAdapter, adapter_for, get_submodule
-from .checkpoint import library_versions
+from .adapters import ModelAdapter, adapter_for
 from .errors import ModelLoadError, UnsupportedModelError, VlmCompressError
+from .measure.flops import count_gflops, tokens_per_layer
+from .measure.machine import machine_info
+from .measure.memory import memory_method, peak_memory_mb
+from .measure.workloads import DECODE_STEPS, EXPORT_WORKLOADS, TEXT_TOKENS, WORKLOADS, Workload, is_export, prompt_ids
 from .models import builtin_names, load_model
 from .stages.base import count_params
 
-TEXT_TOKENS = 32  # text length of the text / ITM workloads and of the generators' prompt
-DECODE_STEPS = 16
+__all__ = ["DECODE_STEPS", "EXPORT_WORKLOADS", "TEXT_TOKENS", "WORKLOADS", "Workload", "benchmark", "count_gflops",
+           "is_export", "machine_info", "memory_method", "parse_batch_sizes", "peak_memory_mb", "prompt_ids",
+           "quick_speed", "tokens_per_layer"]
+
 WARMUP_CALLS = 2
 MIN_MEASUREMENT_S = 0.02  # a measurement repeats the call until it lasts about this long (tiny models)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# workloads: what is timed, per family
-
-
-@dataclass
-class Workload:
-    """One timed call. `build(model, adapter, batch_size, device)` returns a zero-argument function that runs it."""
-
-    key: str
-    description: str
-    build: Callable[[nn.Module, ModelAdapter, int, torch.device], Callable[[], Any]]
-    batched: bool = True  # False: batch 1 only (decode)
-    vision: bool = False  # runs the vision tower; the first such workload gives the tokens per layer
-
-
-def _pixels(model, adapter, batch_size, device) -> torch.Tensor:
-    pixels = adapter.example_inputs(model, batch_size=batch_size, seed=0)["pixel_values"]
-    return pixels.to(device=device, dtype=model.dtype)
-
-
-def _text_ids(model, batch_size: int, length: int, device, low: int = 4) -> torch.Tensor:
-    """`[batch_size, length]` random token ids in `[low, vocab)`, BOS first and EOS last where the config has them."""
-    text = model.config.text_config
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(low, text.vocab_size, (batch_size, length), generator=g)
-    if getattr(text, "bos_token_id", None) is not None:
-        ids[:, 0] = text.bos_token_id
-    if getattr(text, "eos_token_id", None) is not None and isinstance(text.eos_token_id, int):
-        ids[:, -1] = text.eos_token_id
-    return ids.to(device)
-
-
-def _text_length(model) -> int:
-    return min(TEXT_TOKENS, getattr(model.config.text_config, "max_position_embeddings", TEXT_TOKENS))
-
-
-def _inference(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def run():
-        with torch.inference_mode():
-            return fn()
-
-    return run
-
-
-def _image_features(model, adapter, batch_size, device):
-    pixels = _pixels(model, adapter, batch_size, device)
-    return _inference(lambda: model.get_image_features(pixel_values=pixels))
-
-
-def _text_features(model, adapter, batch_size, device):
-    ids = _text_ids(model, batch_size, _text_length(model), device)
-    kwargs = {"input_ids": ids}
-    if "attention_mask" in adapter.example_inputs(model, batch_size=1):  # SigLIP is used without a mask
-        kwargs["attention_mask"] = torch.ones_like(ids)
-    return _inference(lambda: model.get_text_features(**kwargs))
-
-
-def _llava_image(model, adapter, batch_size, device):
-    pixels = _pixels(model, adapter, batch_size, device)
-    return _inference(lambda: model.get_image_features(pixel_values=pixels))
-
-
-def _blip_image(model, adapter, batch_size, device):
-    pixels = _pixels(model, adapter, batch_size, device)
-    return _inference(lambda: model.vision_model(pixel_values=pixels))
-
-
-def _blip_itm(model, adapter, batch_size, device):
-    pixels = _pixels(model, adapter, batch_size, device)
-    ids = _text_ids(model, batch_size, _text_length(model), device)
-    mask = torch.ones_like(ids)
-    return _inference(lambda: model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=True))
-
-
-def _stock_forward_params(model, adapter) -> set[str]:
-    for cls in type(model).__mro__:
-        if cls.__name__ in adapter.stock_classes:
-            return set(inspect.signature(cls.forward).parameters)
-    return set(inspect.signature(model.forward).parameters)
-
-
-def prompt_ids(model: nn.Module, family: str, batch_size: int, device="cpu") -> torch.Tensor:
-    """A generator's processor-style prompt: one image's placeholders plus `TEXT_TOKENS` text tokens (BOS included).
-
-    LLaVA: `[BOS, placeholder × (image_size / patch_size)² (+1 with the "full" feature strategy), 31 text]`;
-    BLIP-2: `[placeholder × num_query_tokens, BOS, 31 text]`. Text ids never equal the placeholder id.
-    """
-    config = model.config
-    text = _text_ids(model, batch_size, TEXT_TOKENS, device, low=5)
-    if family == "llava":
-        vision = config.vision_config
-        n_image = (vision.image_size // vision.patch_size) ** 2
-        n_image += 0 if config.vision_feature_select_strategy == "default" else 1
-        image_id = config.image_token_id
-    else:
-        n_image, image_id = config.num_query_tokens, config.image_token_index
-    text[text == image_id] = 5 if image_id != 5 else 6
-    text[:, 0] = config.text_config.bos_token_id
-    text[:, -1] = text[:, -2]  # a prompt does not end with EOS
-    image = torch.full((batch_size, n_image), image_id, dtype=text.dtype, device=text.device)
-    if family == "llava":
-        return torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-    return torch.cat([image, text], dim=1)
-
-
-def _prefill(model, adapter, batch_size, device):
-    """A function running the prefill and returning its output (logits of the last position, KV cache)."""
-    family = adapter.family
-    ids = prompt_ids(model, family, batch_size, device)
-    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True,
-              "pixel_values": _pixels(model, adapter, batch_size, device)}
-    lm_params = (_stock_forward_params(model, adapter) if family == "llava"
-                 else set(inspect.signature(model.language_model.forward).parameters))
-    if "logits_to_keep" in lm_params:
-        kwargs["logits_to_keep"] = 1  # as `generate` does: logits of the last position only
-    return _inference(lambda: model(**kwargs))
-
-
-def _cache_of(output) -> Any:
-    cache = getattr(output, "past_key_values", None)
-    if cache is None and getattr(output, "language_model_outputs", None) is not None:  # BLIP-2
-        cache = output.language_model_outputs.past_key_values
-    if cache is None:
-        raise UnsupportedModelError(f"{type(output).__name__} holds no KV cache; cannot time decoding")
-    return cache
-
-
-def _decode(model, adapter, batch_size, device):
-    """Prefill once (untimed); the returned function crops the cache back to the prompt and decodes
-    `DECODE_STEPS` greedy tokens, one forward each."""
-    out = _prefill(model, adapter, batch_size, device)()
-    cache = _cache_of(out)
-    prompt_len = cache.get_seq_length()
-    first = out.logits[:, -1:].argmax(-1)
-    masks = [torch.ones(batch_size, prompt_len + i + 1, dtype=torch.long, device=first.device)
-             for i in range(DECODE_STEPS)]
-    step = model.language_model if adapter.family == "blip2" else model  # BLIP-2: the OPT decoder with its head
-
-    def run():
-        extra = cache.get_seq_length() - prompt_len
-        if extra:
-            cache.crop(-extra)  # a negative count removes that many positions (all transformers 5 releases)
-        token = first
-        for mask in masks:
-            logits = step(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-        return token
-
-    return _inference(run)
-
-
-def _dual_encoder(family: str) -> list[Workload]:
-    return [Workload("image", "get_image_features(pixel_values): vision tower + projection", _image_features,
-                     vision=True),
-            Workload("text", f"get_text_features(input_ids{', attention_mask' if family == 'clip' else ''}): "
-                             f"text tower + projection, {TEXT_TOKENS} tokens", _text_features)]
-
-
-def _generator(family: str) -> list[Workload]:
-    if family == "llava":
-        placeholders = "(image_size / patch_size)² placeholders config.image_token_id"
-    else:
-        placeholders = "num_query_tokens placeholders config.image_token_index"
-    return [Workload("prefill", f"forward over one image + {TEXT_TOKENS}-token prompt ({placeholders}, then "
-                                f"{TEXT_TOKENS} text tokens incl. BOS), KV cache on, logits of the last position; "
-                                "ms per batch of prompts", _prefill, vision=True),
-            Workload("decode", f"{DECODE_STEPS} greedy decode steps on the KV cache of that prefill (one forward "
-                               "per token, argmax fed back, timed directly, not via generate), batch 1; ms per "
-                               f"{DECODE_STEPS} tokens", _decode, batched=False)]
-
-
-WORKLOADS: dict[str, list[Workload]] = {
-    "clip": _dual_encoder("clip"),
-    "siglip": _dual_encoder("siglip"),
-    "blip": [Workload("image", "vision_model(pixel_values): image encoding for retrieval", _blip_image, vision=True),
-             Workload("itm", "model(input_ids, attention_mask, pixel_values, use_itm_head=True): image-text "
-                             f"matching forward (vision tower + text encoder with cross-attention), "
-                             f"{TEXT_TOKENS} tokens", _blip_itm)],
-    "blip2": _generator("blip2"),
-    "llava": _generator("llava"),
-}
-
-# what an ONNX export (`vlmcompress.integrations.onnx`) holds, per family; a PyTorch model measured against one runs
-# the same calls
-EXPORT_WORKLOADS: dict[str, list[Workload]] = {
-    "clip": WORKLOADS["clip"],
-    "siglip": WORKLOADS["siglip"],
-    "llava": [Workload("image", "get_image_features(pixel_values): vision tower + projector, the image features "
-                                "handed to the language model", _llava_image, vision=True)],
-}
-
-
-def is_export(model: Any) -> bool:
-    """Whether `model` is an ONNX Runtime export (`OnnxModel`) rather than a PyTorch model."""
-    return bool(getattr(model, "vlmc_onnx", False))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# measuring
-
-
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of `aten._scaled_dot_product_flash_attention_for_cpu`: q·kᵀ and attention·v, as the CUDA kernels."""
-    b, heads, s_q, d_qk = query_shape
-    s_k, d_v = key_shape[2], value_shape[3]
-    return 2 * b * heads * s_q * s_k * d_qk + 2 * b * heads * s_q * s_k * d_v
-
-
-def _quantized_matmul_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of a quantized matmul `[..., K] @ [K, N]` (int8 / int4 kernels the flop counter does not know)."""
-    return 2 * math.prod(input_shape) * out_shape[-1]
-
-
-def _flop_mapping() -> dict:
-    ops = {getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None): _sdpa_cpu_flops}
-    # the kernels behind vlmcompress's quantized linear layers (torch dynamic int8, torchao int8 / int4, quanto)
-    for namespace, name in (("quantized", "linear_dynamic"), ("aten", "_int_mm"),
-                            ("aten", "_weight_int4pack_mm_for_cpu"), ("quanto", "qbytes_mm")):
-        try:
-            ops[getattr(getattr(torch.ops, namespace), name)] = _quantized_matmul_flops
-        except (AttributeError, RuntimeError):
-            continue  # that backend's operators are not registered in this process
-    ops.pop(None, None)
-    return ops
-
-
-def count_gflops(fn: Callable[[], Any]) -> float:
-    """GFLOPs (2 × multiply-adds) of one call of `fn`."""
-    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
-
-
-def tokens_per_layer(model: nn.Module, adapter: ModelAdapter, fn: Callable[[], Any]) -> list[int]:
-    """Tokens entering the first vision layer, then after each layer, seen by hooks during one call of `fn`."""
-    layers = get_submodule(model, adapter.vision_tower(model).layers_path)
-    seen: list[int] = []
-
-    def before(module, args, kwargs):
-        if not seen:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            seen.append(hidden.shape[1])
-
-    def after(module, args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        seen.append(hidden.shape[1])
-
-    handles = [layers[0].register_forward_pre_hook(before, with_kwargs=True)]
-    handles += [layer.register_forward_hook(after) for layer in layers]
-    try:
-        fn()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen[: len(layers) + 1]
-
-
-class PeakRss:
-    """Peak resident set size of this process while the block runs, sampled by a thread every `interval` s.
-
-    `growth` is the peak minus the RSS on entry, in bytes (None where /proc/self/statm does not exist).
-    """
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.growth: int | None = None
-
-    def _read(self) -> int:
-        self._file.seek(0)
-        return int(self._file.read().split()[1]) * self.page
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._read())
-
-    def __enter__(self):
-        try:
-            self._file = open("/proc/self/statm", "rb", buffering=0)
-        except OSError:
-            self._file = None
-            return self
-        self._start = self._peak = self._read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._file is None:
-            return False
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._read())
-        self._file.close()
-        self.growth = self._peak - self._start
-        return False
-
-
-def _release_free_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages; give them back before measuring
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak memory of one call of `fn` above what was in use before it, in MiB (see the module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 2)
-    _release_free_memory()
-    with PeakRss() as rss:
-        fn()
-    return None if rss.growth is None else round(rss.growth / 2**20, 2)
-
-
-def memory_method(device: torch.device) -> str:
-    if device.type == "cuda":
-        return ("torch.cuda.max_memory_allocated during one untimed call minus torch.cuda.memory_allocated before "
-                "it (tensors only, weights excluded)")
-    if not Path("/proc/self/statm").exists():
-        return "unavailable (no /proc/self/statm on this system)"
-    return ("peak process RSS during one untimed call minus the RSS just before it, sampled from /proc/self/statm "
-            "every 1 ms by a background thread, after gc.collect() and glibc malloc_trim(0) (weights excluded; "
-            "allocator caching can make it an underestimate)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inputs and models
+# inputs and models (workloads, FLOPs, memory and machine facts: `vlmcompress.measure`)
 
 
 def parse_batch_sizes(value: str | int | Iterable[int]) -> list[int]:
@@ -476,29 +140,6 @@ def size_on_disk(folder: Path | None) -> int | None:
         return None
     files = list(folder.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files) if files else None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    from . import cpu as cpu_facts
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = library_versions()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-            "threads": torch.get_num_threads(),
-            "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_average_1m": None if load is None else round(load, 2),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": versions.get("transformers"), "vlmcompress": versions.get("vlmcompress"),
-            "cpu": cpu_facts.describe(), "date": time.strftime("%Y-%m-%d")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

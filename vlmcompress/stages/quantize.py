@@ -255,7 +255,7 @@ def quantize_torch(ctx: RunContext, config: QuantizeConfig) -> dict[str, Any]:
 
 
 def quantize_with_library(backend: str) -> BackendFn:
-    """The backend function of a library integration (`integrations/<backend>.py: quantize_linears`)."""
+    """The backend function of a library integration (`vlmcompress/integrations/<backend>.py: quantize_linears`)."""
 
     def run(ctx: RunContext, config: QuantizeConfig) -> dict[str, Any]:
         integration = importlib.import_module(f"vlmcompress.integrations.{MODULES[backend]}")

@@ -1,0 +1,73 @@
+"""CLIP (`CLIPModel`): a vision and a text tower with projections into a shared embedding space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModelAdapter, VisionTower, _layers_units, _patch_tokens, _pixel_values, _seeded_init
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=4, num_channels=3, initializer_range=0.02)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                 max_position_embeddings=32, bos_token_id=1, eos_token_id=3, pad_token_id=0)
+
+
+def _dual_encoder_inputs(model: nn.Module, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text = model.config.text_config
+    input_ids = torch.randint(4, text.vocab_size, (batch_size, 8), generator=g)
+    input_ids[:, 0] = text.bos_token_id
+    input_ids[:, -1] = text.eos_token_id
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": _pixel_values(model.config.vision_config, batch_size, g)}
+
+
+class CLIPAdapter(ModelAdapter):
+    family = "clip"
+    stock_classes = ("CLIPModel",)
+    builtin_name = "tiny-clip"
+    component_paths = {"vision": "vision_model", "text": "text_model"}
+
+    def attention_units(self, model):
+        va, _ = _layers_units(model, "vision", "vision_model.encoder.layers", "self_attn", None, "separate")
+        ta, _ = _layers_units(model, "text", "text_model.encoder.layers", "self_attn", None, "separate")
+        return va + ta
+
+    def mlp_units(self, model):
+        _, vm = _layers_units(model, "vision", "vision_model.encoder.layers", "self_attn", "mlp", "separate")
+        _, tm = _layers_units(model, "text", "text_model.encoder.layers", "self_attn", "mlp", "separate")
+        return vm + tm
+
+    def vision_tower(self, model):
+        return VisionTower("vision_model.encoder.layers", _patch_tokens(model.config.vision_config) + 1, True)
+
+    def text_tower(self, model):
+        text = model.config.text_config
+        # CLIPTextModel pools the first eos_token_id, or the largest id for legacy configs with eos_token_id == 2
+        eot = "argmax" if text.eos_token_id == 2 else "eos"
+        return VisionTower("text_model.encoder.layers", text.max_position_embeddings, False, hook_path="text_model",
+                           text={"causal": True, "eot": eot, "eos_token_id": text.eos_token_id})
+
+    def tiny_model(self, seed=0):
+        from transformers import CLIPConfig, CLIPModel
+
+        _seeded_init(seed)
+        return CLIPModel(CLIPConfig(vision_config=TINY_VISION, text_config=TINY_TEXT, projection_dim=16)).eval()
+
+    def example_inputs(self, model, batch_size=2, seed=0):
+        return _dual_encoder_inputs(model, batch_size, seed)
+
+    def main_outputs(self, model, inputs):
+        out = model(**inputs)
+        return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds}
+
+
+def contrastive_loss(model: nn.Module, processor, rows: list[dict]) -> torch.Tensor:
+    """The model's own image-text contrastive loss on `rows` (for Taylor importance)."""
+    batch = processor(text=[r["text"] for r in rows], images=[r["image"] for r in rows], padding=True,
+                      return_tensors="pt")
+    return model(**batch, return_loss=True).loss
+
+
+CLIPAdapter.task_loss = staticmethod(contrastive_loss)

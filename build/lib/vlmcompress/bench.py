@@ -1,0 +1,748 @@
+"""Speed and size of a model, alone or against another model of the same family measured in the same run.
+
+    from vlmcompress.bench import benchmark
+    result = benchmark("out/base", against="out/tome", batch_sizes=(1, 8), repeats=3)
+    result["ratios"]["workloads"]["image"]["batch_sizes"]["8"]["speedup_median"]
+
+What is timed is fixed per family (`WORKLOADS`) and printed in `result["what"]`:
+
+- dual encoders (CLIP, SigLIP): `image` = `get_image_features(pixel_values)` (vision tower + projection) and
+  `text` = `get_text_features(input_ids, attention_mask)` on 32 tokens (SigLIP: no mask), each at every batch size;
+- BLIP retrieval: `image` = `vision_model(pixel_values)` and `itm` = the image-text matching forward
+  (`model(input_ids, attention_mask, pixel_values, use_itm_head=True)`: vision tower + text encoder), 32 tokens;
+- generators (BLIP-2, LLaVA): `prefill` = one forward over one image plus a 32-token prompt, as a processor writes
+  it (LLaVA: `(image_size / patch_size)²` placeholders `config.image_token_id`; BLIP-2: `num_query_tokens`
+  placeholders `config.image_token_index`), returning the KV cache and the last position's logits, at every batch
+  size; `decode` = 16 greedy steps with the KV cache of that prefill, timed directly (one forward per token on the
+  cache, argmax fed back; the cache is cropped back to the prompt before every run), batch 1 only.
+
+An ONNX export (the `onnx/` folder of the quantize stage's `onnxruntime` backend) is measured by the same code:
+its graphs run in ONNX Runtime behind `get_image_features` / `get_text_features`, and every model of the run times
+the workloads the export holds (`EXPORT_WORKLOADS`: dual encoders as above; LLaVA: `image` =
+`get_image_features(pixel_values)`, vision tower + projector), so `bench out --against out/onnx` compares PyTorch
+and ONNX Runtime on the same calls.
+
+Measurements per model and workload: GFLOPs per sample (`torch.utils.flop_counter.FlopCounterMode` at batch 1,
+with the CPU flash-attention kernel counted, which the stock counter leaves out); ms per batch (min and median) and
+samples/s with `torch.utils.benchmark.Timer` after two warm-up calls; models interleaved with the order rotated every
+round; peak memory of one extra untimed call (CPU: peak growth of the process RSS above the RSS just before the call,
+sampled from /proc/self/statm every 1 ms by a background thread after `gc.collect()` and glibc `malloc_trim(0)`;
+CUDA: `torch.cuda.max_memory_allocated` above the memory allocated before the call). Per model: parameters, size on
+disk, and tokens at every layer of the vision tower.
+
+JSON layout (`benchmark()`'s return value, `vlmcompress bench --json`); keys are stable:
+
+    {"machine": {"device", "device_name", "threads", "cpu_count", "load_average_1m" (other processes compete for
+                 the CPU when it nears cpu_count), "platform", "python", "torch", "transformers", "vlmcompress",
+                 "date"},
+     "what": {"workloads": {workload: description}, "timing", "flops", "memory", "tokens_per_layer", "params",
+              "size_on_disk", "ratios", with an ONNX export: "onnxruntime"},
+     "models": {name: {"source", "role" ("model" | "against"), "family", "class", "dtype",
+                       "parameters", "size_on_disk_bytes" (null unless a local folder with *.safetensors;
+                       ONNX exports: the *.onnx files), ONNX exports only: "runtime" (ONNX Runtime settings),
+                       "tokens_per_layer": [tokens entering layer 0, tokens after layer 0, ..., after the last layer],
+                       "workloads": {workload: {"gflops_per_sample",
+                                                "batch_sizes": {"1": {"ms_min", "ms_median", "ms_all",
+                                                                      "calls_per_measurement", "samples_per_s",
+                                                                      "peak_memory_mb", decode only:
+                                                                      "ms_per_token", "tokens_per_s"}}}}}},
+     "ratios": null | {"model", "against", "params_reduction", "size_reduction" (null when a size is null),
+                       "workloads": {workload: {"flops_reduction",
+                                                "batch_sizes": {"1": {"speedup_median", "speedup_min",
+                                                                      "realization"}}}}}}
+
+Every ratio is MODEL ÷ AGAINST, so > 1 means AGAINST is faster or smaller: `speedup_median` = MODEL's median ms ÷
+AGAINST's median ms (`speedup_min` likewise with the minimum), `flops_reduction`, `params_reduction` and
+`size_reduction` likewise with GFLOPs per sample, parameters and bytes on disk, and `realization` =
+`speedup_median` ÷ `flops_reduction` (1.0: the FLOPs saved all turned into wall-clock time). Model names are the
+strings given (a second, equal name gets " #2" appended). Batch sizes are JSON object keys, hence strings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import inspect
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import benchmark as torch_benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import ModelAdapter, adapter_for, get_submodule
+from .checkpoint import library_versions
+from .errors import ModelLoadError, UnsupportedModelError, VlmCompressError
+from .models import builtin_names, load_model
+from .stages.base import count_params
+
+TEXT_TOKENS = 32  # text length of the text / ITM workloads and of the generators' prompt
+DECODE_STEPS = 16
+WARMUP_CALLS = 2
+MIN_MEASUREMENT_S = 0.02  # a measurement repeats the call until it lasts about this long (tiny models)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workloads: what is timed, per family
+
+
+@dataclass
+class Workload:
+    """One timed call. `build(model, adapter, batch_size, device)` returns a zero-argument function that runs it."""
+
+    key: str
+    description: str
+    build: Callable[[nn.Module, ModelAdapter, int, torch.device], Callable[[], Any]]
+    batched: bool = True  # False: batch 1 only (decode)
+    vision: bool = False  # runs the vision tower; the first such workload gives the tokens per layer
+
+
+def _pixels(model, adapter, batch_size, device) -> torch.Tensor:
+    pixels = adapter.example_inputs(model, batch_size=batch_size, seed=0)["pixel_values"]
+    return pixels.to(device=device, dtype=model.dtype)
+
+
+def _text_ids(model, batch_size: int, length: int, device, low: int = 4) -> torch.Tensor:
+    """`[batch_size, length]` random token ids in `[low, vocab)`, BOS first and EOS last where the config has them."""
+    text = model.config.text_config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(low, text.vocab_size, (batch_size, length), generator=g)
+    if getattr(text, "bos_token_id", None) is not None:
+        ids[:, 0] = text.bos_token_id
+    if getattr(text, "eos_token_id", None) is not None and isinstance(text.eos_token_id, int):
+        ids[:, -1] = text.eos_token_id
+    return ids.to(device)
+
+
+def _text_length(model) -> int:
+    return min(TEXT_TOKENS, getattr(model.config.text_config, "max_position_embeddings", TEXT_TOKENS))
+
+
+def _inference(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run():
+        with torch.inference_mode():
+            return fn()
+
+    return run
+
+
+def _image_features(model, adapter, batch_size, device):
+    pixels = _pixels(model, adapter, batch_size, device)
+    return _inference(lambda: model.get_image_features(pixel_values=pixels))
+
+
+def _text_features(model, adapter, batch_size, device):
+    ids = _text_ids(model, batch_size, _text_length(model), device)
+    kwargs = {"input_ids": ids}
+    if "attention_mask" in adapter.example_inputs(model, batch_size=1):  # SigLIP is used without a mask
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    return _inference(lambda: model.get_text_features(**kwargs))
+
+
+def _llava_image(model, adapter, batch_size, device):
+    pixels = _pixels(model, adapter, batch_size, device)
+    return _inference(lambda: model.get_image_features(pixel_values=pixels))
+
+
+def _blip_image(model, adapter, batch_size, device):
+    pixels = _pixels(model, adapter, batch_size, device)
+    return _inference(lambda: model.vision_model(pixel_values=pixels))
+
+
+def _blip_itm(model, adapter, batch_size, device):
+    pixels = _pixels(model, adapter, batch_size, device)
+    ids = _text_ids(model, batch_size, _text_length(model), device)
+    mask = torch.ones_like(ids)
+    return _inference(lambda: model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=True))
+
+
+def _stock_forward_params(model, adapter) -> set[str]:
+    for cls in type(model).__mro__:
+        if cls.__name__ in adapter.stock_classes:
+            return set(inspect.signature(cls.forward).parameters)
+    return set(inspect.signature(model.forward).parameters)
+
+
+def prompt_ids(model: nn.Module, family: str, batch_size: int, device="cpu") -> torch.Tensor:
+    """A generator's processor-style prompt: one image's placeholders plus `TEXT_TOKENS` text tokens (BOS included).
+
+    LLaVA: `[BOS, placeholder × (image_size / patch_size)² (+1 with the "full" feature strategy), 31 text]`;
+    BLIP-2: `[placeholder × num_query_tokens, BOS, 31 text]`. Text ids never equal the placeholder id.
+    """
+    config = model.config
+    text = _text_ids(model, batch_size, TEXT_TOKENS, device, low=5)
+    if family == "llava":
+        vision = config.vision_config
+        n_image = (vision.image_size // vision.patch_size) ** 2
+        n_image += 0 if config.vision_feature_select_strategy == "default" else 1
+        image_id = config.image_token_id
+    else:
+        n_image, image_id = config.num_query_tokens, config.image_token_index
+    text[text == image_id] = 5 if image_id != 5 else 6
+    text[:, 0] = config.text_config.bos_token_id
+    text[:, -1] = text[:, -2]  # a prompt does not end with EOS
+    image = torch.full((batch_size, n_image), image_id, dtype=text.dtype, device=text.device)
+    if family == "llava":
+        return torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    return torch.cat([image, text], dim=1)
+
+
+def _prefill(model, adapter, batch_size, device):
+    """A function running the prefill and returning its output (logits of the last position, KV cache)."""
+    family = adapter.family
+    ids = prompt_ids(model, family, batch_size, device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True,
+              "pixel_values": _pixels(model, adapter, batch_size, device)}
+    lm_params = (_stock_forward_params(model, adapter) if family == "llava"
+                 else set(inspect.signature(model.language_model.forward).parameters))
+    if "logits_to_keep" in lm_params:
+        kwargs["logits_to_keep"] = 1  # as `generate` does: logits of the last position only
+    return _inference(lambda: model(**kwargs))
+
+
+def _cache_of(output) -> Any:
+    cache = getattr(output, "past_key_values", None)
+    if cache is None and getattr(output, "language_model_outputs", None) is not None:  # BLIP-2
+        cache = output.language_model_outputs.past_key_values
+    if cache is None:
+        raise UnsupportedModelError(f"{type(output).__name__} holds no KV cache; cannot time decoding")
+    return cache
+
+
+def _decode(model, adapter, batch_size, device):
+    """Prefill once (untimed); the returned function crops the cache back to the prompt and decodes
+    `DECODE_STEPS` greedy tokens, one forward each."""
+    out = _prefill(model, adapter, batch_size, device)()
+    cache = _cache_of(out)
+    prompt_len = cache.get_seq_length()
+    first = out.logits[:, -1:].argmax(-1)
+    masks = [torch.ones(batch_size, prompt_len + i + 1, dtype=torch.long, device=first.device)
+             for i in range(DECODE_STEPS)]
+    step = model.language_model if adapter.family == "blip2" else model  # BLIP-2: the OPT decoder with its head
+
+    def run():
+        extra = cache.get_seq_length() - prompt_len
+        if extra:
+            cache.crop(-extra)  # a negative count removes that many positions (all transformers 5 releases)
+        token = first
+        for mask in masks:
+            logits = step(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+        return token
+
+    return _inference(run)
+
+
+def _dual_encoder(family: str) -> list[Workload]:
+    return [Workload("image", "get_image_features(pixel_values): vision tower + projection", _image_features,
+                     vision=True),
+            Workload("text", f"get_text_features(input_ids{', attention_mask' if family == 'clip' else ''}): "
+                             f"text tower + projection, {TEXT_TOKENS} tokens", _text_features)]
+
+
+def _generator(family: str) -> list[Workload]:
+    if family == "llava":
+        placeholders = "(image_size / patch_size)² placeholders config.image_token_id"
+    else:
+        placeholders = "num_query_tokens placeholders config.image_token_index"
+    return [Workload("prefill", f"forward over one image + {TEXT_TOKENS}-token prompt ({placeholders}, then "
+                                f"{TEXT_TOKENS} text tokens incl. BOS), KV cache on, logits of the last position; "
+                                "ms per batch of prompts", _prefill, vision=True),
+            Workload("decode", f"{DECODE_STEPS} greedy decode steps on the KV cache of that prefill (one forward "
+                               "per token, argmax fed back, timed directly, not via generate), batch 1; ms per "
+                               f"{DECODE_STEPS} tokens", _decode, batched=False)]
+
+
+WORKLOADS: dict[str, list[Workload]] = {
+    "clip": _dual_encoder("clip"),
+    "siglip": _dual_encoder("siglip"),
+    "blip": [Workload("image", "vision_model(pixel_values): image encoding for retrieval", _blip_image, vision=True),
+             Workload("itm", "model(input_ids, attention_mask, pixel_values, use_itm_head=True): image-text "
+                             f"matching forward (vision tower + text encoder with cross-attention), "
+                             f"{TEXT_TOKENS} tokens", _blip_itm)],
+    "blip2": _generator("blip2"),
+    "llava": _generator("llava"),
+}
+
+# what an ONNX export (`vlmcompress.integrations.onnx`) holds, per family; a PyTorch model measured against one runs
+# the same calls
+EXPORT_WORKLOADS: dict[str, list[Workload]] = {
+    "clip": WORKLOADS["clip"],
+    "siglip": WORKLOADS["siglip"],
+    "llava": [Workload("image", "get_image_features(pixel_values): vision tower + projector, the image features "
+                                "handed to the language model", _llava_image, vision=True)],
+}
+
+
+def is_export(model: Any) -> bool:
+    """Whether `model` is an ONNX Runtime export (`OnnxModel`) rather than a PyTorch model."""
+    return bool(getattr(model, "vlmc_onnx", False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `aten._scaled_dot_product_flash_attention_for_cpu`: q·kᵀ and attention·v, as the CUDA kernels."""
+    b, heads, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    return 2 * b * heads * s_q * s_k * d_qk + 2 * b * heads * s_q * s_k * d_v
+
+
+def _quantized_matmul_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a quantized matmul `[..., K] @ [K, N]` (int8 / int4 kernels the flop counter does not know)."""
+    return 2 * math.prod(input_shape) * out_shape[-1]
+
+
+def _flop_mapping() -> dict:
+    ops = {getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None): _sdpa_cpu_flops}
+    # the kernels behind vlmcompress's quantized linear layers (torch dynamic int8, torchao int8 / int4, quanto)
+    for namespace, name in (("quantized", "linear_dynamic"), ("aten", "_int_mm"),
+                            ("aten", "_weight_int4pack_mm_for_cpu"), ("quanto", "qbytes_mm")):
+        try:
+            ops[getattr(getattr(torch.ops, namespace), name)] = _quantized_matmul_flops
+        except (AttributeError, RuntimeError):
+            continue  # that backend's operators are not registered in this process
+    ops.pop(None, None)
+    return ops
+
+
+def count_gflops(fn: Callable[[], Any]) -> float:
+    """GFLOPs (2 × multiply-adds) of one call of `fn`."""
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def tokens_per_layer(model: nn.Module, adapter: ModelAdapter, fn: Callable[[], Any]) -> list[int]:
+    """Tokens entering the first vision layer, then after each layer, seen by hooks during one call of `fn`."""
+    layers = get_submodule(model, adapter.vision_tower(model).layers_path)
+    seen: list[int] = []
+
+    def before(module, args, kwargs):
+        if not seen:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.append(hidden.shape[1])
+
+    def after(module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        seen.append(hidden.shape[1])
+
+    handles = [layers[0].register_forward_pre_hook(before, with_kwargs=True)]
+    handles += [layer.register_forward_hook(after) for layer in layers]
+    try:
+        fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen[: len(layers) + 1]
+
+
+class PeakRss:
+    """Peak resident set size of this process while the block runs, sampled by a thread every `interval` s.
+
+    `growth` is the peak minus the RSS on entry, in bytes (None where /proc/self/statm does not exist).
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.growth: int | None = None
+
+    def _read(self) -> int:
+        self._file.seek(0)
+        return int(self._file.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._read())
+
+    def __enter__(self):
+        try:
+            self._file = open("/proc/self/statm", "rb", buffering=0)
+        except OSError:
+            self._file = None
+            return self
+        self._start = self._peak = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is None:
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._read())
+        self._file.close()
+        self.growth = self._peak - self._start
+        return False
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages; give them back before measuring
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory of one call of `fn` above what was in use before it, in MiB (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 2)
+    _release_free_memory()
+    with PeakRss() as rss:
+        fn()
+    return None if rss.growth is None else round(rss.growth / 2**20, 2)
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return ("torch.cuda.max_memory_allocated during one untimed call minus torch.cuda.memory_allocated before "
+                "it (tensors only, weights excluded)")
+    if not Path("/proc/self/statm").exists():
+        return "unavailable (no /proc/self/statm on this system)"
+    return ("peak process RSS during one untimed call minus the RSS just before it, sampled from /proc/self/statm "
+            "every 1 ms by a background thread, after gc.collect() and glibc malloc_trim(0) (weights excluded; "
+            "allocator caching can make it an underestimate)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs and models
+
+
+def parse_batch_sizes(value: str | int | Iterable[int]) -> list[int]:
+    """`"1,32"`, `8` or `(1, 32)` → `[1, 32]`; raises `VlmCompressError` on anything but positive integers."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    sizes: list[int] = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if isinstance(text, bool) or not (isinstance(text, int) or (isinstance(text, str) and text.isdigit())):
+            raise VlmCompressError(f"batch sizes must be positive integers separated by commas, like '1,32'; "
+                                   f"got {value!r}")
+        size = int(text)
+        if size < 1:
+            raise VlmCompressError(f"batch sizes must be at least 1; got {size} in {value!r}")
+        if size not in sizes:
+            sizes.append(size)
+    if not sizes:
+        raise VlmCompressError("no batch sizes given; pass e.g. --batch-sizes 1,32")
+    return sizes
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1:
+        return True
+    parent = Path(name).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()  # "out/missing" where out/ exists
+
+
+def load_for_bench(name: str) -> tuple[nn.Module, Path | None]:
+    """`(model, local folder or None)`; a missing folder is an error here rather than a failed Hub lookup."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        model, _ = load_model(str(path))
+        return model, path
+    if path.exists():
+        raise ModelLoadError(f"'{name}' is a file, not a model folder; give a folder written by save_pretrained or "
+                             "`vlmcompress apply`, a built-in name or a Hub id")
+    if _looks_like_path(name):
+        raise ModelLoadError(f"folder '{name}' does not exist; give a folder written by save_pretrained or "
+                             f"`vlmcompress apply`, a built-in name ({', '.join(builtin_names())}) or a Hub id")
+    model, _ = load_model(name)
+    return model, None
+
+
+def size_on_disk(folder: Path | None) -> int | None:
+    """Bytes of the `*.safetensors` files in `folder` (None for built-ins, Hub ids and folders without any)."""
+    if folder is None:
+        return None
+    files = list(folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    from . import cpu as cpu_facts
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = library_versions()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+            "threads": torch.get_num_threads(),
+            "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average_1m": None if load is None else round(load, 2),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": versions.get("transformers"), "vlmcompress": versions.get("vlmcompress"),
+            "cpu": cpu_facts.describe(), "date": time.strftime("%Y-%m-%d")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+class _Progress:
+    """A rich progress bar on stderr (nothing at all when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task("bench", total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
+    def step(self, description: str, advance: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=description, advance=advance)
+
+
+def _calls_per_measurement(fn: Callable[[], Any], device: torch.device) -> int:
+    """Run the warm-up calls; the last one's duration sets how many calls one measurement averages."""
+    for _ in range(WARMUP_CALLS):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return max(1, math.ceil(MIN_MEASUREMENT_S / max(seconds, 1e-6)))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def benchmark(
+    model_or_dir: str,
+    against: str | None = None,
+    batch_sizes: str | int | Iterable[int] = (1, 32),
+    repeats: int = 5,
+    threads: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Measure `model_or_dir` (and `against`, interleaved in the same run) and return the result dict.
+
+    Args:
+        model_or_dir: a local folder (also a `vlmcompress apply` output), a built-in name or a Hub id.
+        against: a second model of the same family; ratios are `model_or_dir ÷ against`.
+        batch_sizes: batch sizes of every workload but `decode` (batch 1): `(1, 32)` or `"1,32"`.
+        repeats: rounds of timing; every round measures every model once, the order rotating.
+        threads: torch CPU threads for the run (default: as set, `torch.get_num_threads()`).
+        progress: show a rich progress bar on stderr.
+        device: `"cpu"`, `"cuda"`, ... (default: CUDA when available).
+    Returns:
+        The dict documented in the module docstring.
+    Raises:
+        ModelLoadError: unknown name, missing folder or unreadable model.
+        UnsupportedModelError: `against` of another family, or an unsupported model.
+        VlmCompressError: bad batch sizes, repeats or threads.
+    """
+    sizes = parse_batch_sizes(batch_sizes)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise VlmCompressError(f"repeats must be a positive integer; got {repeats!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise VlmCompressError(f"threads must be a positive integer; got {threads!r}")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise VlmCompressError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VlmCompressError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(model_or_dir, against, sizes, repeats, progress, dev)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, Any]:
+    machine = machine_info(device)  # before loading: the load average is the one the run starts with
+    sources = [("model", model_or_dir)] + ([("against", against)] if against is not None else [])
+    loaded: dict[str, dict[str, Any]] = {}
+    with _Progress(progress, total=len(sources)) as bar:
+        for role, source in sources:
+            bar.step(f"loading {source}", advance=0)
+            model, folder = load_for_bench(source)
+            name = source if source not in loaded else f"{source} #2"
+            loaded[name] = {"role": role, "source": source, "folder": folder,
+                            "model": model.to(device).eval().requires_grad_(False),
+                            "adapter": adapter_for(model)}
+            bar.step(f"loaded {source}")
+        entries = list(loaded.values())
+        families = [e["adapter"].family for e in entries]
+        if len(set(families)) > 1:
+            raise UnsupportedModelError(
+                f"--against '{against}' is a {families[1]} model but '{model_or_dir}' is a {families[0]} model; "
+                "compare two models of the same family")
+        workloads = WORKLOADS[families[0]]
+        if any(is_export(e["model"]) for e in entries):
+            if device.type != "cpu":
+                raise VlmCompressError("ONNX exports run on CPU with ONNX Runtime here; use --device cpu")
+            workloads = EXPORT_WORKLOADS[families[0]]
+        cells = [(w, bs) for w in workloads for bs in (sizes if w.batched else [1])]
+        bar.set_total(len(sources) + len(workloads) * len(entries) + len(cells) * (repeats + 2 * len(entries)))
+
+        results = {name: _static(e, workloads, device, bar) for name, e in loaded.items()}
+        for w, bs in cells:
+            for name, e in loaded.items():  # build inputs and warm up every model before any is timed
+                bar.step(f"{w.key} bs{bs}: warm-up {name}")
+                fn = w.build(e["model"], e["adapter"], bs, device)
+                e["cell"] = (fn, _calls_per_measurement(fn, device))
+            times: dict[str, list[float]] = {name: [] for name in loaded}
+            order = list(loaded)
+            for r in range(repeats):
+                bar.step(f"{w.key} bs{bs}: round {r + 1}/{repeats}")
+                for name in order[r % len(order):] + order[: r % len(order)]:
+                    fn, calls = loaded[name]["cell"]
+                    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                                  num_threads=torch.get_num_threads())
+                    times[name].append(timer.timeit(calls).mean * 1e3)
+            for name, e in loaded.items():
+                bar.step(f"{w.key} bs{bs}: memory {name}")
+                fn, calls = e.pop("cell")
+                results[name]["workloads"][w.key]["batch_sizes"][str(bs)] = _timing(
+                    times[name], calls, bs, w, peak_memory_mb(fn, device))
+    names = list(loaded)
+    what = _what(workloads, repeats, device)
+    if any(is_export(e["model"]) for e in entries):
+        what["onnxruntime"] = ("ONNX exports: ONNX Runtime sessions on the CPU execution provider (threads in each "
+                               "model's `runtime`), timed by the same Timer loop; GFLOPs and tokens per layer are "
+                               "those of the PyTorch model at export (onnx/config.json), parameters are the elements "
+                               "of the graphs' initializers, size on disk is the *.onnx files")
+    return {"machine": machine, "what": what,
+            "models": results,
+            "ratios": _ratios(names[0], names[1], results) if len(names) == 2 else None}
+
+
+def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: _Progress) -> dict[str, Any]:
+    """Everything measured once per model: parameters, size, tokens per layer, GFLOPs per sample."""
+    model, adapter = entry["model"], entry["adapter"]
+    if is_export(model):
+        info = model.bench_static()
+        gflops = info.pop("gflops")
+        return {"source": entry["source"], "role": entry["role"], "family": adapter.family, **info,
+                "workloads": {w.key: {"gflops_per_sample": gflops[w.key], "batch_sizes": {}} for w in workloads}}
+    out = {"source": entry["source"], "role": entry["role"], "family": adapter.family, "class": type(model).__name__,
+           "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+           "parameters": count_params(model),
+           "size_on_disk_bytes": size_on_disk(entry["folder"]),
+           "tokens_per_layer": None, "workloads": {}}
+    for w in workloads:
+        bar.step(f"{w.key}: counting FLOPs of {entry['source']}")
+        fn = w.build(model, adapter, 1, device)
+        if w.vision and out["tokens_per_layer"] is None:
+            out["tokens_per_layer"] = tokens_per_layer(model, adapter, fn)
+        out["workloads"][w.key] = {"gflops_per_sample": _sig(count_gflops(fn)), "batch_sizes": {}}
+    return out
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _timing(ms: list[float], calls: int, batch_size: int, w: Workload, memory: float | None) -> dict[str, Any]:
+    median = statistics.median(ms)
+    row = {"ms_min": _sig(min(ms)), "ms_median": _sig(median), "ms_all": [_sig(t) for t in ms],
+           "calls_per_measurement": calls, "samples_per_s": _sig(batch_size * 1e3 / median), "peak_memory_mb": memory}
+    if w.key == "decode":
+        row["ms_per_token"] = _sig(median / DECODE_STEPS)
+        row["tokens_per_s"] = _sig(batch_size * DECODE_STEPS * 1e3 / median)
+    return row
+
+
+def _ratios(base: str, other: str, results: dict[str, Any]) -> dict[str, Any]:
+    a, b = results[base], results[other]
+    size = _ratio(a["size_on_disk_bytes"], b["size_on_disk_bytes"])
+    out = {"model": base, "against": other, "params_reduction": round(a["parameters"] / b["parameters"], 4),
+           "size_reduction": None if size is None else round(size, 4), "workloads": {}}
+    for key, wa in a["workloads"].items():
+        wb = b["workloads"][key]
+        flops = _ratio(wa["gflops_per_sample"], wb["gflops_per_sample"])
+        rows = {}
+        for bs, ta in wa["batch_sizes"].items():
+            tb = wb["batch_sizes"][bs]
+            speedup = ta["ms_median"] / tb["ms_median"]
+            rows[bs] = {"speedup_median": round(speedup, 4), "speedup_min": round(ta["ms_min"] / tb["ms_min"], 4),
+                        "realization": None if not flops else round(speedup / flops, 4)}
+        out["workloads"][key] = {"flops_reduction": None if flops is None else round(flops, 4), "batch_sizes": rows}
+    return out
+
+
+def _what(workloads: list[Workload], repeats: int, device: torch.device) -> dict[str, Any]:
+    return {
+        "workloads": {w.key: w.description for w in workloads},
+        "timing": (f"torch.utils.benchmark.Timer with {torch.get_num_threads()} threads, eager, inference_mode; "
+                   f"{WARMUP_CALLS} warm-up calls per model, then {repeats} rounds, each measuring every model once "
+                   "(order rotated every round); a measurement is the mean of back-to-back calls (as many as make "
+                   f"about {MIN_MEASUREMENT_S * 1e3:.0f} ms); ms per batch, min and median over rounds; "
+                   "samples/s = batch size / median"),
+        "flops": ("torch.utils.flop_counter.FlopCounterMode over one call at batch 1 (2 × multiply-adds of matmuls, "
+                  "convolutions and attention, CPU flash attention included); GFLOPs per sample"),
+        "memory": memory_method(device),
+        "tokens_per_layer": ("vision tower, one sample: tokens entering layer 0, then after each layer "
+                             "(forward hooks on the encoder layers, hidden_states.shape[1])"),
+        "params": "sum of numel over model.parameters() (tied weights once)",
+        "size_on_disk": "sum of the *.safetensors files in the model folder; null for built-ins and Hub ids",
+        "ratios": ("MODEL ÷ AGAINST (> 1: AGAINST is faster or smaller); realization = speedup_median ÷ "
+                   "flops_reduction"),
+    }
+
+
+def quick_speed(model: nn.Module, adapter: ModelAdapter, batch_size: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Median latency and GFLOPs of the family's first workload (image encoding / prefill) on an in-memory model.
+
+    Used by `apply` before and after every stage; the model changes in place between calls, so unlike `benchmark`
+    these measurements cannot be interleaved: compare them as a guide, and use `vlmcompress bench --against` for
+    numbers to publish.
+    """
+    device = model.device
+    workload = WORKLOADS[adapter.family][0]
+    fn = workload.build(model, adapter, batch_size, device)
+    gflops = model.bench_static()["gflops"][workload.key] if is_export(model) else count_gflops(fn) / batch_size
+    calls = _calls_per_measurement(fn, device)
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    ms = [timer.timeit(calls).mean * 1e3 for _ in range(repeats)]
+    return {"workload": workload.key, "batch_size": batch_size, "ms_median": round(statistics.median(ms), 3),
+            "ms_min": round(min(ms), 3), "gflops_per_sample": round(gflops, 6), "threads": torch.get_num_threads()}

@@ -1,0 +1,212 @@
+"""Compressed checkpoints: a folder that stock transformers loads with `trust_remote_code=True`.
+
+Layout: `config.json` (custom `model_type`, pruning record, `token_reduction` block, `auto_map`),
+`model*.safetensors`, the modeling files copied flat, `recipe.yaml` (resolved), `report.json`, `README.md` (model
+card) and the source's processor files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .modeling import configuration_vlmcompress as cfg_mod
+from .modeling import modeling_vlmcompress as model_mod
+
+MODELING_DIR = Path(__file__).parent / "modeling"
+ENTRY_FILE = "modeling_vlmcompress.py"
+# the token-reduction algorithms' index; extended in a checkpoint whose algorithm is a plug-in (`modeling_files`)
+ALGORITHM_INDEX = "algorithms.py"
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def _with_relative_imports(path: Path, found: dict[str, Path]) -> dict[str, Path]:
+    """`path` and every sibling file it imports (`from .x import ...`, anywhere in the file), recursively."""
+    if path.name in found:
+        return found
+    found[path.name] = path
+    for name in _RELATIVE_IMPORT.findall(path.read_text()):
+        _with_relative_imports(path.parent / f"{name}.py", found)
+    return found
+
+
+def modeling_files(algorithm: str | None) -> dict[str, str]:
+    """`{file name: text}` of the modeling code a checkpoint ships: the entry file and every file it imports (with
+    the index `algorithms.py`, every built-in algorithm's file), and, when the checkpoint's token-reduction
+    `algorithm` is a registered plug-in, its file and what that imports, with the index extended to import it (so
+    stock transformers' remote-code loader, which copies the files a module imports, finds it)."""
+    import sys
+
+    from .modeling.reduction import REDUCERS
+
+    files = _with_relative_imports(MODELING_DIR / ENTRY_FILE, {})
+    index = MODELING_DIR / ALGORITHM_INDEX
+    files = _with_relative_imports(index, files)
+    texts = {name: path.read_text() for name, path in sorted(files.items())}
+    if algorithm is None or algorithm not in REDUCERS:
+        return texts
+    reducer = REDUCERS[algorithm]
+    path = Path(sys.modules[(reducer.reduce or reducer.patch).__module__].__file__)
+    if path.parent == MODELING_DIR and path.name in texts:
+        return texts  # a built-in algorithm: the static index already imports it
+    for name, source in _with_relative_imports(path, {}).items():
+        texts.setdefault(name, source.read_text())
+    built_in = texts[ALGORITHM_INDEX].replace("NAMES = (", f"NAMES = ({algorithm!r}, ")
+    texts[ALGORITHM_INDEX] = built_in.replace("\nNAMES = ", f"\nfrom .{path.stem} import REDUCER as PLUG_IN  "
+                                                             "# noqa: F401  (written by vlmcompress)\n\nNAMES = ", 1)
+    return texts
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("vlmcompress", "torch", "transformers", "torch-pruning", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def stock_class_name(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in model_mod.COMPRESSED_CLASSES:
+            return cls.__name__
+    raise ModelLoadError(f"no compressed class for {type(model).__name__}")
+
+
+def per_layer_summary(adapter, model: nn.Module) -> dict[str, dict[str, list[int]]]:
+    """`{"layer_num_heads": {component: [...]}, "layer_intermediate_sizes": {component: [...]}}` for people."""
+    heads: dict[str, list[int]] = {}
+    widths: dict[str, list[int]] = {}
+    for unit in adapter.attention_units(model):
+        q = unit.module.get_submodule(unit.qkv or unit.q)
+        n = q.out_features // unit.head_dim // (3 if unit.qkv else 1)
+        heads.setdefault(unit.component, []).append(n)
+    for unit in adapter.mlp_units(model):
+        widths.setdefault(unit.component, []).append(unit.module.get_submodule(unit.down).in_features)
+    return {"layer_num_heads": heads, "layer_intermediate_sizes": widths}
+
+
+def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_model: str) -> nn.Module:
+    """Turn `model` (already pruned / patched in place) into its compressed class with the record in its config.
+
+    The class swap is safe: compressed classes only add construction steps (already done in place) and, for LLaVA,
+    prompt shrinking. Returns the same object.
+    """
+    model_cls, config_cls, autos = model_mod.COMPRESSED_CLASSES[stock_class_name(model)]
+    data = model.config.to_dict()
+    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
+        data.pop(key, None)
+    data["vlmcompress"] = {"format_version": cfg_mod.FORMAT_VERSION, "base_model": base_model,
+                           "param_shapes": compression["param_shapes"], "module_attrs": compression["module_attrs"],
+                           **per_layer_summary(adapter, model), "versions": library_versions()}
+    data["token_reduction"] = compression.get("token_reduction")
+    data["quantization"] = compression.get("quantization")
+    config = config_cls.from_dict(data)
+    config.architectures = [model_cls.__name__]
+    config.auto_map = {"AutoConfig": f"configuration_vlmcompress.{config_cls.__name__}"}
+    config.auto_map |= {auto: f"modeling_vlmcompress.{model_cls.__name__}" for auto in autos}
+    config._attn_implementation = model.config._attn_implementation
+    model.config = config
+    model.__class__ = model_cls
+    # a stock model loaded by from_pretrained remembers its legacy key renamings (e.g. LLaVA's
+    # `language_model.lm_head`) and would re-apply them on save; the compressed model_type has no such mapping at
+    # load time, so save with the module paths as they are
+    model._weight_conversions = []
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "_from_model_config"):
+        generation_config._from_model_config = False
+    return model
+
+
+def compression_record(model: nn.Module) -> dict[str, Any]:
+    """The pruning record, token-reduction and quantization blocks of a model (empty for an uncompressed model), so
+    that compressing a compressed checkpoint further, or resuming from a stage checkpoint, keeps what was done
+    before."""
+    record = getattr(model.config, "vlmcompress", None) or {}
+    return {"param_shapes": dict(record.get("param_shapes", {})), "module_attrs": dict(record.get("module_attrs", {})),
+            "token_reduction": getattr(model.config, "token_reduction", None),
+            "quantization": getattr(model.config, "quantization", None)}
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | None = None,
+                    report: dict | None = None, processor: Any = None, card: str | None = None,
+                    artifacts: dict[str, Path] | None = None) -> None:
+    """Write a compressed model (see `to_compressed`) and everything beside it into `folder` (must not exist).
+
+    `artifacts` maps a name inside `folder` to a file or folder that a stage wrote (e.g. `onnx/`); they are copied.
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    algorithm = (getattr(model.config, "token_reduction", None) or {}).get("algorithm")
+    for name, text in modeling_files(algorithm).items():
+        (folder / name).write_text(text)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    if recipe_yaml is not None:
+        (folder / "recipe.yaml").write_text(recipe_yaml)
+    if report is not None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    for name, source in (artifacts or {}).items():
+        source = Path(source)
+        if source.is_dir():
+            shutil.copytree(source, folder / name)
+        else:
+            shutil.copyfile(source, folder / name)
+
+
+def register_classes() -> None:
+    """Register the compressed config / model classes with the transformers Auto classes (no remote code)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    autos = {"AutoModel": AutoModel, "AutoModelForImageTextToText": AutoModelForImageTextToText}
+    for model_cls, config_cls, names in model_mod.COMPRESSED_CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        for name in names:
+            autos[name].register(config_cls, model_cls, exist_ok=True)
+
+
+def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
+         meta: bool = False) -> nn.Module:
+    """Load a vlmcompress checkpoint with the installed vlmcompress classes (never runs code from the folder).
+
+    Args:
+        folder: a folder written by `vlmcompress apply`.
+        dtype: `"float32"`, `"bfloat16"`, a `torch.dtype`, or None for the checkpoint's dtype.
+        device_map: passed to `from_pretrained` (e.g. `"auto"`, needs accelerate).
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"'{folder}' has no config.json; expected a folder written by `vlmcompress apply`")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"'{config_file}' is not valid JSON ({e}); the checkpoint is corrupt") from None
+    match = [v for v in model_mod.COMPRESSED_CLASSES.values() if v[1].model_type == model_type]
+    if not match:
+        raise ModelLoadError(f"'{folder}' has model_type '{model_type}', not a vlmcompress checkpoint; "
+                             "load it with transformers directly")
+    register_classes()
+    model_cls, config_cls, _ = match[0]
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if meta:
+        config = config_cls.from_pretrained(folder)
+        with torch.device("meta"):
+            return model_cls._from_config(config).eval()
+    try:
+        return model_cls.from_pretrained(folder, dtype=dtype, device_map=device_map).eval()
+    except Exception as e:
+        raise ModelLoadError(f"could not load '{folder}' ({str(e).splitlines()[0][:200]}); "
+                             "the checkpoint may be incomplete or corrupt") from None

@@ -1,0 +1,395 @@
+"""The `vlmcompress` command line: a thin typer app over the Python API.
+
+Every user error is one line on stderr and exit code 1; set VLMCOMPRESS_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress vision-language models with declarative YAML recipes.\n\n"
+                       "Example: vlmcompress apply recipes/quickstart.yaml")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _friendly(fn):
+    """Turn user errors into one line + exit 1 (tracebacks only with VLMCOMPRESS_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import VlmCompressError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+                raise
+            err_console.print("interrupted: no output folder was written; rerun with --resume to continue "
+                              "after the last completed stage", style="red", highlight=False)
+            raise typer.Exit(130) from None
+        except VlmCompressError as e:
+            if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+                raise
+            for line in str(e).splitlines():
+                err_console.print(f"error: {line}", style="red", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except Exception as e:  # a bug, not a user error: still one line, with the way to the full story
+            if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+                raise
+            err_console.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                              "(set VLMCOMPRESS_DEBUG=1 for the traceback and report it)", style="red",
+                              highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command(epilog="Examples:\n\n  vlmcompress apply recipes/quickstart.yaml\n\n"
+                    "  vlmcompress apply recipes/llava_prune_tome.yaml --output out/llava-small --overwrite\n\n"
+                    "  vlmcompress apply recipe.yaml --resume   # continue after an interrupted run")
+@_friendly
+def apply(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (overrides the recipe)"),
+    resume: bool = typer.Option(False, help="continue after the last completed stage of an interrupted run"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the recipe and print the plan; write nothing"),
+):
+    """Run a compression recipe and write a Hugging Face-loadable checkpoint."""
+    from .orchestrator import apply as run_apply
+
+    if dry_run:
+        return _print_plan(recipe)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display covers saving
+    model = run_apply(recipe, output=output, resume=resume, overwrite=overwrite, progress=True)
+    report = model.vlmcompress_report
+    out = output or model_output(recipe)
+    console.print(f"[green]wrote[/green] {out}: parameters {report['params_before']:,} → {report['params_after']:,} "
+                  f"({report['params_ratio']}×)", highlight=False)
+    for comp, tokens in report["tokens_per_layer"].items():
+        console.print(f"  {comp} tokens per layer: {' → '.join(map(str, tokens))}", highlight=False)
+    if "accuracy" in report:
+        before, after = report["accuracy"]["before"], report["accuracy"]["after"]
+        metric = "recall@1" if "recall@1" in before else next(iter(before))
+        console.print(f"  {metric}: {before[metric]:.4f} → {after[metric]:.4f} "
+                      f"({(after[metric] - before[metric]) * 100:+.2f} points)", highlight=False)
+    if "speed" in report:
+        speed = report["speed"]
+        console.print(f"  {speed['before']['workload']} (batch {speed['before']['batch_size']}): "
+                      f"{speed['before']['ms_median']} → {speed['after']['ms_median']} ms ({speed['speedup']}×), "
+                      f"GFLOPs {speed['flops_reduction']}× fewer", highlight=False)
+    console.print(f"  load it: AutoModel.from_pretrained('{out}', trust_remote_code=True)", highlight=False)
+
+
+def model_output(recipe_path: Path) -> str:
+    from .recipe import load_recipe
+
+    return load_recipe(recipe_path).output
+
+
+@app.command(epilog="Example:\n\n  vlmcompress validate recipes/quickstart.yaml")
+@_friendly
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML file")):
+    """Check a recipe against a weightless (meta-device) model and print the plan. Never trains or writes."""
+    _print_plan(recipe)
+
+
+def _print_plan(recipe_path: Path) -> None:
+    from .adapters import adapter_for
+    from .models import load_model
+    from .orchestrator import build_stages
+    from .recipe import load_recipe
+    from .stages.base import count_params
+
+    recipe = load_recipe(recipe_path)
+    stages = build_stages(recipe)
+    model, _ = load_model(recipe.model, recipe.dtype, recipe.trust_remote_code, meta=True)
+    adapter = adapter_for(model)
+    for stage in stages:
+        stage.check(model, adapter)
+    console.print(f"[bold]{recipe_path}[/bold]: model {recipe.model} ({adapter.family}, "
+                  f"{count_params(model):,} parameters) → {recipe.output}", highlight=False)
+    table = Table("#", "method", "plan (before → after; estimated from shapes, no weights)")
+    for i, stage in enumerate(stages, 1):
+        plan = stage.plan(model, adapter)
+        table.add_row(str(i), stage.config.method, _format_plan(plan))
+    console.print(table)
+    console.print("recipe is valid; nothing was written", style="green")
+
+
+def _format_plan(plan: dict) -> str:
+    lines = []
+    for key, value in plan.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v[0]:,} → {v[1]:,}" if isinstance(v, list) and len(v) == 2 else f"{k} {v}"
+                              for k, v in value.items())
+            lines.append(f"{key}: {inner}")
+        elif isinstance(value, list) and len(value) == 2 and key == "tokens":
+            lines.append(f"tokens {value[0]} → {value[1]}")
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+@app.command(epilog="Examples:\n\n  vlmcompress inspect tiny-llava\n\n  vlmcompress inspect out/tiny-clip-tome --json")
+@_friendly
+def inspect(
+    model: str = typer.Argument(..., help="a local folder, a built-in name or a Hub id"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+):
+    """Show a model's family, components, heads and widths per layer, token schedule and parameters."""
+    from .adapters import adapter_for
+    from .checkpoint import per_layer_summary
+    from .modeling import algorithms  # noqa: F401  (what each algorithm's towers count)
+    from .modeling.reduction import counted_tokens
+    from .models import load_model
+    from .stages.base import count_params
+
+    m, _ = load_model(model, meta=True)
+    adapter = adapter_for(m)
+    summary = per_layer_summary(adapter, m)
+    reduction = getattr(m.config, "token_reduction", None) or {}
+    info = {"model": model, "class": type(m).__name__, "family": adapter.family, "parameters": count_params(m),
+            "components": {name: sum(p.numel() for p in mod.parameters())
+                           for name, mod in adapter.components(m).items()},
+            **summary,
+            "token_reduction": {t["component"]: {"algorithm": reduction["algorithm"], "r": t["r"],
+                                                 "tokens_per_layer": [t["num_tokens"], *t["tokens_per_layer"]],
+                                                 # e.g. BLIP + Turbo: the text encoder keeps its text tokens and
+                                                 # prunes the image tokens its cross-attention reads
+                                                 "counts": counted_tokens(reduction["algorithm"], t)[1]}
+                                for t in reduction.get("towers", [])}}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    console.print(f"[bold]{model}[/bold]: {info['class']} ({info['family']}), {info['parameters']:,} parameters",
+                  highlight=False)
+    table = Table("component", "parameters", "layers", "heads per layer", "MLP width per layer", "tokens per layer")
+    for comp, params in info["components"].items():
+        heads = info["layer_num_heads"].get(comp, [])
+        widths = info["layer_intermediate_sizes"].get(comp, [])
+        reduced = info["token_reduction"].get(comp, {})
+        tokens = " → ".join(map(str, reduced["tokens_per_layer"])) if reduced else "-"
+        if reduced.get("counts", "tokens") != "tokens":
+            tokens = f"{reduced['counts']}: {tokens}"
+        table.add_row(comp, f"{params:,}", str(max(len(heads), len(widths))), " ".join(map(str, heads)),
+                      " ".join(map(str, widths)), tokens)
+    console.print(table)
+
+
+@app.command("list-methods")
+@_friendly
+def list_methods_cmd():
+    """List the stage methods a recipe can use."""
+    from .registry import list_methods
+
+    table = Table("method", "description", "keys")
+    for entry in list_methods():
+        keys = ", ".join(k for k in entry.config_cls.model_fields if k != "method")
+        table.add_row(entry.name, entry.summary, keys)
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def env(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Print versions and hardware facts (the CPU's instruction sets included) to paste into a bug report."""
+    import torch
+
+    from . import cpu
+    from .checkpoint import library_versions
+
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            **library_versions(), "torch threads": torch.get_num_threads(),
+            "cuda available": torch.cuda.is_available(), "cpu": cpu.describe()}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "cpu":
+            for name in ("label", "capability", "quantized_engine", "mkl", "onednn"):
+                console.print(f"- cpu {name}: {value.get(name)}", highlight=False)
+        else:
+            console.print(f"- {key}: {value}", highlight=False)
+
+
+@app.command("eval", epilog="Examples:\n\n  vlmcompress eval shapes-clip\n\n"
+                            "  vlmcompress eval out/shapes-clip-tome --size 2000 --json")
+@_friendly
+def eval_cmd(
+    model: str = typer.Argument(..., help="a local folder, a built-in teacher (shapes-clip) or a Hub id"),
+    size: int = typer.Option(5000, min=10, help="number of shapes test pairs (folds of 1,000)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Accuracy on the shapes test split with baselines: recall@1/5/10 both ways and zero-shot for dual encoders,
+    exact-match VQA (with chance, majority-answer and no-image baselines) for LLaVA models."""
+    from .adapters import adapter_for
+    from .evaluate import evaluate_dual_encoder, evaluate_vqa
+    from .models import load_model
+
+    m, processor = load_model(model)
+    family = adapter_for(m).family
+    if family == "llava":
+        return _print_vqa(model, evaluate_vqa(m, processor, size=size), as_json)
+    if family not in ("clip", "siglip"):
+        from .errors import VlmCompressError
+
+        raise VlmCompressError(f"eval supports dual encoders (clip, siglip) and LLaVA so far; '{model}' is a {family} "
+                               "model")
+    result = evaluate_dual_encoder(m, processor, size=size)
+    if as_json:
+        print(json.dumps({"model": model, **result}, indent=2))
+        return
+    table = Table("metric", "model", "chance", "majority")
+    for k in (1, 5, 10):
+        for way in ("i2t", "t2i"):
+            majority = f"{result['majority_R@1']:.4f}" if k == 1 else ""
+            table.add_row(f"{way} R@{k}", f"{result[f'{way}_R@{k}']:.4f}", f"{result[f'chance_R@{k}']:.4f}", majority)
+    table.add_row("zero-shot shape", f"{result['zero_shot_shape']:.4f}", f"{result['zero_shot_chance']:.4f}", "")
+    console.print(f"[bold]{model}[/bold] on shapes test ({result['folds']} folds × {result['fold_size']})",
+                  highlight=False)
+    console.print(table)
+
+
+def _print_vqa(model: str, result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"model": model, **result}, indent=2))
+        return
+    table = Table("VQA exact match", "value")
+    for key, value in result.items():
+        if key != "n":
+            table.add_row(key.replace("_", " "), f"{value:.4f}")
+    console.print(f"[bold]{model}[/bold] on {result['n']} shapes test questions", highlight=False)
+    console.print(table)
+
+
+zoo_app = typer.Typer(help="Built-in teachers trained on the shapes world.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("train", epilog="Example:\n\n  vlmcompress zoo train shapes-clip --output /tmp/shapes-clip")
+@_friendly
+def zoo_train(
+    name: str = typer.Argument(..., help="a built-in teacher: shapes-clip, shapes-llava (or their -small variants)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder (default: the user cache)"),
+):
+    """Retrain a built-in teacher with its seeded recipe (progress bar; shapes-clip takes about 25 min on 2 cores)."""
+    from .errors import VlmCompressError
+    from .zoo import ZOO, cache_dir, train_and_save
+
+    if name not in ZOO:
+        from .errors import did_you_mean
+
+        raise VlmCompressError(f"unknown teacher '{name}'{did_you_mean(name, ZOO)}; expected one of: {', '.join(ZOO)}")
+    folder = output or cache_dir() / name
+    if folder.exists() and any(folder.iterdir()):
+        raise VlmCompressError(f"'{folder}' already exists and is not empty; choose another --output")
+    result = train_and_save(name, folder)
+    console.print(f"[green]trained[/green] {name} in {result['seconds']} s → {folder}", highlight=False)
+
+
+@zoo_app.command("list")
+@_friendly
+def zoo_list():
+    """List the built-in teachers and whether their shipped weights verify."""
+    from .zoo import ZOO, ZOO_DIR, verify
+
+    for name in ZOO:
+        state = "shipped" if verify(ZOO_DIR / name) else "not shipped (trained into the cache on first use)"
+        console.print(f"- {name}: {state}", highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  vlmcompress bench tiny-clip --batch-sizes 1,8\n\n"
+                    "  vlmcompress bench out/base --against out/tiny-clip-tome --repeats 5   # ratios, interleaved\n\n"
+                    "  vlmcompress bench tiny-llava --threads 2 --json > bench.json")
+@_friendly
+def bench(
+    model: str = typer.Argument(..., help="a local folder (e.g. a `vlmcompress apply` output), a built-in name or "
+                                          "a Hub id"),
+    against: Optional[str] = typer.Option(None, "--against", help="a second model of the same family, measured in "
+                                                                  "the same run; ratios are MODEL ÷ OTHER"),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="comma-separated batch sizes (generators: of the "
+                                                                  "prefill; decode runs at batch 1)"),
+    repeats: int = typer.Option(5, "--repeats", help="timing rounds per workload and batch size"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's setting)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (layout: vlmcompress/bench.py) not tables"),
+):
+    """Measure speed and size: GFLOPs, latency, throughput, peak memory, parameters, size on disk, tokens per layer.
+
+    With --against, both are timed in one run, interleaved; speed-ups, reductions and realization are printed.
+    """
+    from rich import box
+    from transformers.utils import logging as hf_logging
+
+    from .bench import benchmark, parse_batch_sizes
+
+    hf_logging.disable_progress_bar()  # our own progress display covers loading
+    result = benchmark(model, against, parse_batch_sizes(batch_sizes), repeats, threads, progress=True,
+                       device=device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    machine, what, ratios = result["machine"], result["what"], result["ratios"]
+    load = "" if machine["load_average_1m"] is None else f", load average {machine['load_average_1m']}"
+    console.print(f"[bold]vlmcompress bench[/bold] on {machine['device_name']} ({machine['device']}, "
+                  f"{machine['threads']} threads, {machine['cpu_count']} CPUs{load}), torch {machine['torch']}",
+                  highlight=False)
+    labels = {name: ("MODEL" if m["role"] == "model" else "OTHER") for name, m in result["models"].items()}
+    table = Table("", "model", "parameters", "size on disk", "vision tokens per layer", box=box.SIMPLE_HEAD)
+    for name, m in result["models"].items():
+        size = m["size_on_disk_bytes"]
+        table.add_row(labels[name], f"{name} ({m['family']})", f"{m['parameters']:,}",
+                      "-" if size is None else f"{size / 2**20:,.2f} MiB",
+                      " → ".join(map(str, m["tokens_per_layer"] or [])))
+    console.print(table)
+    for name, m in result["models"].items():
+        if m.get("runtime"):  # an ONNX export: its own threads, not torch's
+            console.print(f"{labels[name]} runs in {m['runtime']} ({m['dtype']})", highlight=False)
+    for key, description in what["workloads"].items():
+        table = Table("", "batch", "GFLOPs/sample", "ms median", "ms min", "samples/s", "peak MiB",
+                      box=box.SIMPLE_HEAD, title=f"[bold]{key}[/bold]: {description}", title_justify="left")
+        for name, m in result["models"].items():
+            w = m["workloads"][key]
+            for bs, t in w["batch_sizes"].items():
+                table.add_row(labels[name], bs, f"{w['gflops_per_sample']:.4g}", f"{t['ms_median']:.4g}",
+                              f"{t['ms_min']:.4g}", f"{t['samples_per_s']:.4g}",
+                              "-" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.1f}")
+        console.print(table)
+    if ratios:
+        fmt = lambda x, unit="×": "-" if x is None else f"{x:.3f}{unit}"  # noqa: E731
+        table = Table("workload", "batch", "speed-up (median)", "speed-up (min)", "FLOPs reduction", "realization",
+                      box=box.SIMPLE_HEAD, title="[bold]OTHER vs MODEL[/bold] (MODEL ÷ OTHER; realization = speed-up "
+                                                 "÷ FLOPs reduction)", title_justify="left")
+        for key, w in ratios["workloads"].items():
+            for bs, r in w["batch_sizes"].items():
+                table.add_row(key, bs, fmt(r["speedup_median"]), fmt(r["speedup_min"]), fmt(w["flops_reduction"]),
+                              fmt(r["realization"], ""))
+        console.print(table)
+        console.print(f"reductions (MODEL ÷ OTHER): parameters {fmt(ratios['params_reduction'])}, size on disk "
+                      f"{fmt(ratios['size_reduction'])}", highlight=False)
+    console.print(f"timing: {what['timing']}\nmemory: {what['memory']}", style="dim", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Glue to external engines, one file per library, each imported lazily (installed as `vlmcompress.integrations`)."""

@@ -1,0 +1,213 @@
+"""Compressed model classes, loadable with `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
+
+Each class is the stock transformers class of its family plus two steps at construction: replay the pruning record
+(smaller per-layer shapes) and patch the token-reducing layers named in `config.token_reduction`. The weights then
+load as usual (any `dtype` / `device_map`). This file and its siblings are copied flat into every checkpoint and
+import only torch, transformers and each other.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Blip2ForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    CLIPModel,
+    LlavaForConditionalGeneration,
+    SiglipModel,
+)
+
+from .algorithms import NAMES as ALGORITHMS  # noqa: F401  (registers the token-reduction algorithms it names)
+from .configuration_vlmcompress import (
+    VlmcBlip2Config,
+    VlmcBlipConfig,
+    VlmcCLIPConfig,
+    VlmcLlavaConfig,
+    VlmcSiglipConfig,
+)
+from .llava_tokens import kept_placeholder_mask, shrink_placeholder_runs
+from .quantized import apply_quantization
+from .reduction import apply_token_reduction
+from .shapes import apply_shape_record, patch_fused_attention
+
+
+def setup_compressed(model: torch.nn.Module) -> None:
+    """Replay the pruning record, the token reduction and the quantization stored in `model.config` on a freshly
+    built model (quantization last: it wraps the linear layers that pruning resized)."""
+    record = getattr(model.config, "vlmcompress", None) or {}
+    apply_shape_record(model, record.get("param_shapes", {}), record.get("module_attrs", {}))
+    patch_fused_attention(model, record.get("param_shapes", {}))
+    apply_token_reduction(model, getattr(model.config, "token_reduction", None))
+    apply_quantization(model, getattr(model.config, "quantization", None))
+
+
+class VlmcCLIPModel(CLIPModel):
+    config_class = VlmcCLIPConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+class VlmcSiglipModel(SiglipModel):
+    config_class = VlmcSiglipConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+class VlmcBlipForImageTextRetrieval(BlipForImageTextRetrieval):
+    config_class = VlmcBlipConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+class VlmcBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
+    config_class = VlmcBlip2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+
+def llava_image_token_counts(config) -> tuple[int, int]:
+    """(placeholders the processor writes per image, image tokens the reduced vision tower hands to the LLM)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    drop_cls = 1 if config.vision_feature_select_strategy == "default" else 0
+    full = patches + 1 - drop_cls
+    reduction = getattr(config, "token_reduction", None) or {}
+    towers = [t for t in reduction.get("towers", []) if t["component"] == "vision"]
+    if not towers:
+        return full, full
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError("token reduction supports a single int `vision_feature_layer`")
+    applied = layer % (vision.num_hidden_layers + 1)  # hidden_states[0] is the embedding output
+    tokens = towers[0]["tokens_per_layer"][applied - 1] if applied > 0 else towers[0]["num_tokens"]
+    return full, tokens - drop_cls
+
+
+class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA whose prompts shrink to the reduced number of image tokens.
+
+    Modifications: `forward` and `generate` shorten each run of image placeholders written by the processor to the
+    number of tokens the reduced vision tower produces, so prompts built by the saved processor keep working. When
+    that number depends on the images (`token_reduction.data_dependent`, PruMerge's adaptive mode), the vision tower
+    runs first and the placeholders shrink to the count it returned. With `keep_positions` (VisionZip / PruMerge)
+    the vision tower also runs first, and the prompt keeps the placeholders of the kept image tokens, so that they
+    and the text after them keep the position ids of the full prompt. With FastV (image tokens dropped inside the
+    language model), logits cover the kept positions only and `labels` are gathered to match.
+    """
+
+    config_class = VlmcLlavaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        setup_compressed(self)
+
+    def _shrink(self, input_ids, *aligned, keep: int | None = None):
+        full, static_keep = llava_image_token_counts(self.config)
+        keep = static_keep if keep is None else keep
+        if input_ids is None or keep == full:
+            return (input_ids, *aligned)
+        per_row = (input_ids == self.config.image_token_id).sum(dim=1)
+        if bool((per_row % full != 0).any()) or int(per_row.max()) == 0:
+            return (input_ids, *aligned)  # already shortened (or no image): nothing to do
+        return shrink_placeholder_runs(input_ids, self.config.image_token_id, full, keep, *aligned)
+
+    def _data_dependent(self) -> bool:
+        return bool((getattr(self.config, "token_reduction", None) or {}).get("data_dependent"))
+
+    def _encode_images(self, pixel_values, kwargs) -> tuple[dict, int]:
+        """Run the vision tower now: (`mm_encoder_outputs` for the stock forward, image tokens per image)."""
+        image = self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
+        return {"image": image}, int(image.pooler_output[0].shape[0])
+
+    def _keep_positions(self) -> bool:
+        return bool(((getattr(self.config, "token_reduction", None) or {}).get("options") or {}).get("keep_positions"))
+
+    def _kept_mask(self, input_ids):
+        """`[B, L]` bool over a full prompt: text and the placeholders of the image tokens the vision tower kept."""
+        tower = self.config.token_reduction["towers"][0]
+        state = self.get_submodule(tower["layers_path"].rpartition(".")[0])._vlmc_state
+        source = state.source_index  # [images, tokens] ascending, 0 = CLS
+        full, _ = llava_image_token_counts(self.config)
+        offsets = source[:, 1:] - 1 if self.config.vision_feature_select_strategy == "default" else source
+        return kept_placeholder_mask(input_ids, self.config.image_token_id, full, offsets)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
+                **kwargs):
+        if pixel_values is not None:
+            keep = None
+            if self._data_dependent() or self._keep_positions():
+                kwargs["mm_encoder_outputs"], keep = self._encode_images(pixel_values, kwargs)
+                pixel_values = None
+            if self._keep_positions() and input_ids is not None:
+                kept = self._kept_mask(input_ids)
+                if position_ids is None:  # what the stock forward would use for the full prompt
+                    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+                b = input_ids.shape[0]
+                input_ids, attention_mask, position_ids, labels = (
+                    None if t is None else t[kept].view(b, -1, *t.shape[2:])
+                    for t in (input_ids, attention_mask, position_ids, labels))
+            else:
+                input_ids, attention_mask, position_ids, labels = self._shrink(input_ids, attention_mask,
+                                                                               position_ids, labels, keep=keep)
+        fastv = getattr(self.model, "_vlmc_fastv", None)
+        if fastv is None or labels is None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, labels=labels, **kwargs)
+        out = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                              position_ids=position_ids, **kwargs)
+        if fastv.keep is not None and out.logits.shape[1] == fastv.keep.shape[1]:
+            labels = labels.gather(1, fastv.keep)  # the dropped image positions carry no logits
+        out.loss = self.loss_function(logits=out.logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return out
+
+    def generate(self, inputs=None, **kwargs):
+        """As `LlavaForConditionalGeneration.generate`; the returned sequences start with the prompt as given (full
+        placeholder runs), so `out[:, prompt_length:]` is the generated text as with the stock model."""
+        prompt = kwargs.pop("input_ids", inputs)
+        input_ids = prompt
+        if kwargs.get("pixel_values") is not None and self._keep_positions() and prompt is not None:
+            kwargs["mm_encoder_outputs"], _ = self._encode_images(kwargs.pop("pixel_values"), kwargs)
+            kept = self._kept_mask(prompt)
+            b = prompt.shape[0]
+            mask = kwargs.get("attention_mask")
+            mask = torch.ones_like(prompt) if mask is None else mask
+            if kwargs.get("position_ids") is None:  # generate's rule, applied to the full prompt
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            kwargs["position_ids"] = kwargs["position_ids"].expand_as(prompt)[kept].view(b, -1)
+            input_ids, kwargs["attention_mask"] = prompt[kept].view(b, -1), mask[kept].view(b, -1)
+        elif kwargs.get("pixel_values") is not None:
+            keep = None
+            if self._data_dependent():
+                kwargs["mm_encoder_outputs"], keep = self._encode_images(kwargs.pop("pixel_values"), kwargs)
+            input_ids, kwargs["attention_mask"] = self._shrink(prompt, kwargs.get("attention_mask"), keep=keep)
+        out = super().generate(input_ids, **kwargs)
+        if input_ids is prompt or prompt is None:
+            return out
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = torch.cat([prompt, sequences[:, input_ids.shape[1]:]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
+
+
+# stock class name → (compressed model class, compressed config class, task Auto class names for `auto_map`)
+COMPRESSED_CLASSES = {
+    "CLIPModel": (VlmcCLIPModel, VlmcCLIPConfig, ("AutoModel",)),
+    "SiglipModel": (VlmcSiglipModel, VlmcSiglipConfig, ("AutoModel",)),
+    "BlipForImageTextRetrieval": (VlmcBlipForImageTextRetrieval, VlmcBlipConfig, ("AutoModel",)),
+    "Blip2ForConditionalGeneration": (VlmcBlip2ForConditionalGeneration, VlmcBlip2Config,
+                                      ("AutoModel", "AutoModelForImageTextToText")),
+    "LlavaForConditionalGeneration": (VlmcLlavaForConditionalGeneration, VlmcLlavaConfig,
+                                      ("AutoModel", "AutoModelForImageTextToText")),
+}

@@ -1,0 +1,95 @@
+"""VisionZip (Yang et al., 2024), `algorithm: visionzip`: at the output of LLaVA's feature layer keep the class token,
+the `dominant` patches with the highest class-token attention and `contextual` tokens that average the remaining
+patches grouped by key similarity (methods.md §8). Runs after the feature layer's MLP (`after_mlp`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .llava_tokens import feature_layer_internals, place_tokens
+from .reduction import AttentionInternals, Reducer, ReductionState, register_reducer
+from .token_ops import gather_tokens
+
+
+def visionzip_merge(
+    hidden_states: torch.Tensor,
+    cls_attention: torch.Tensor,
+    metric: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    return_source: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """
+    VisionZip: keep the class token, the `dominant` patches the class token attends to most, and `contextual` tokens
+    that each average a group of the remaining patches grouped by similarity.
+
+    The remaining patches (original order) are split into `contextual` anchors, taken at a uniform stride
+    `max(1, remaining // contextual)` from the first, and the others, each of which joins the anchor whose `metric`
+    is most similar (cosine; ties to the earlier anchor). A contextual token is the mean of its anchor and the
+    patches that joined it.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch_size, num_tokens, dim)`):
+            Tokens of the feature layer; index 0 is the class token.
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_tokens)`):
+            Attention of the class-token query to every token (summed or averaged over heads: same ranking).
+        metric (`torch.Tensor` of shape `(batch_size, num_tokens, channels)`):
+            Similarity features (the layer's keys averaged over heads).
+        dominant (`int`), contextual (`int`):
+            Counts, clamped to `0 <= dominant <= num_tokens - 1` and `0 <= contextual <= num_tokens - 1 - dominant`.
+        return_source (`bool`, *optional*, defaults to `False`):
+            Also return where each output token stands in the input: `(batch_size, 1 + dominant + contextual)`, long
+            (0 for the class token, a contextual token at its anchor's index).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, 1 + dominant + contextual, dim)`: `[class token, dominant patches in
+        original order, contextual tokens in the original order of their anchors]`. Equal attention goes to the
+        earlier patch.
+    """
+    batch_size, num_tokens, dim = hidden_states.shape
+    patches = num_tokens - 1
+    dominant = max(0, min(int(dominant), patches))
+    contextual = max(0, min(int(contextual), patches - dominant))
+    with torch.no_grad():
+        order = cls_attention[:, 1:].float().argsort(dim=1, descending=True, stable=True) + 1
+        dom = order[:, :dominant].sort(dim=1).values
+        rest = order[:, dominant:].sort(dim=1).values  # [B, R] positions of the other patches, original order
+    parts = [hidden_states[:, :1], gather_tokens(hidden_states, dom)]
+    source = [torch.zeros_like(dom[:, :1]), dom]
+    if contextual > 0:
+        remaining = rest.shape[1]
+        step = max(1, remaining // contextual)
+        # index lists built from shapes only (no boolean-mask indexing), so the graph has static shapes for export
+        anchor_idx = list(range(0, step * contextual, step))
+        other_idx = [i for i in range(remaining) if i % step or i >= step * contextual]
+        anchors = rest[:, torch.tensor(anchor_idx, device=rest.device)]
+        others = rest[:, torch.tensor(other_idx, dtype=torch.long, device=rest.device)]
+        x_anchor = gather_tokens(hidden_states, anchors).float()
+        sums = x_anchor
+        counts = torch.ones(batch_size, contextual, 1, device=hidden_states.device)
+        if others.shape[1] > 0:
+            with torch.no_grad():
+                unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                sim = gather_tokens(unit, others) @ gather_tokens(unit, anchors).transpose(1, 2)  # [B, R - c, c]
+                assign = sim.argmax(dim=-1, keepdim=True)  # [B, R - c, 1]: first maximum wins ties
+            x_other = gather_tokens(hidden_states, others).float()
+            sums = sums.scatter_add(1, assign.expand(-1, -1, dim), x_other)
+            counts = counts.scatter_add(1, assign, torch.ones_like(assign, dtype=counts.dtype))
+        parts.append((sums / counts).to(hidden_states.dtype))
+        source.append(anchors)
+    out = torch.cat(parts, dim=1)
+    return (out, torch.cat(source, dim=1)) if return_source else out
+
+
+def reduce_visionzip(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
+    """VisionZip at the feature layer `options["layer"]`: `[CLS, dominant, contextual]` (methods.md §8)."""
+    o = state.options
+    if len(state.tokens) != o["layer"]:  # state.tokens holds one entry per layer already run in this forward
+        return x
+    cls, keys = feature_layer_internals(layer, internals, state)
+    x, source = visionzip_merge(x, cls, keys.mean(dim=1), o["dominant"], o["contextual"], return_source=True)
+    return place_tokens(x, source, state)
+
+
+REDUCER = register_reducer(Reducer("visionzip", reduce_visionzip, cls_attention=True, after_mlp=True))

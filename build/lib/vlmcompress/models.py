@@ -1,0 +1,141 @@
+"""Resolve a recipe's `model:` into a model (and its processor).
+
+Order: an existing local folder (an ONNX export written by the quantize stage's `onnxruntime` backend, which runs
+with ONNX Runtime, or a `save_pretrained` folder), then a built-in name (`tiny-clip`, ...), then a Hub id. Remote
+code of the *source* model runs only when the recipe sets `trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ADAPTERS, BUILTIN_TINY
+from .errors import ModelLoadError, UnsupportedModelError, closest
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STOCK_CLASSES = tuple(c for a in ADAPTERS for c in a.stock_classes)
+
+
+def builtin_names() -> list[str]:
+    from .zoo import ZOO
+
+    return sorted(BUILTIN_TINY) + sorted(ZOO)
+
+
+def load_model(
+    name: str, dtype: str = "float32", trust_remote_code: bool = False, meta: bool = False
+) -> tuple[nn.Module, Any]:
+    """Load `name` as `(model, processor or None)`; `meta=True` builds it on the meta device without weights."""
+    path = Path(name)
+    if path.is_dir() and _is_onnx_folder(path):
+        return _load_onnx(path, meta)
+    if path.is_dir():
+        return _load_folder(str(path), dtype, trust_remote_code, meta)
+    from .zoo import ZOO, zoo_folder
+
+    if name in ZOO:
+        return _load_folder(str(zoo_folder(name)), dtype, trust_remote_code, meta)
+    if name in BUILTIN_TINY:
+        adapter = BUILTIN_TINY[name]
+        with torch.device("meta") if meta else _nullcontext():
+            model = adapter.tiny_model()
+        return model.to(DTYPES[dtype]), adapter.tiny_processor()
+    if name.startswith(("tiny-", "shapes-")) or "/" not in name:
+        near = closest(name, builtin_names())
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ModelLoadError(
+            f"model '{name}' is neither a local folder nor a built-in name; {hint}"
+            f"built-ins: {', '.join(builtin_names())}; or give a Hub id like 'openai/clip-vit-base-patch32'"
+        )
+    return _load_folder(name, dtype, trust_remote_code, meta)  # a Hub id
+
+
+def _is_onnx_folder(path: Path) -> bool:
+    from .integrations.onnx import is_onnx_folder  # reads config.json only; onnxruntime is imported on loading
+
+    return is_onnx_folder(path)
+
+
+def _load_onnx(path: Path, meta: bool) -> tuple[nn.Module, Any]:
+    """An `onnx/` folder written by the quantize stage's onnxruntime backend, run with ONNX Runtime."""
+    if meta:
+        raise ModelLoadError(f"'{path}' holds ONNX graphs, not a PyTorch model; inspect or validate with the "
+                             f"checkpoint folder next to it ('{path.parent}')")
+    from .integrations.onnx import load_onnx
+
+    return load_onnx(path), _load_processor(str(path))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _stock_class(config) -> type:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in STOCK_CLASSES:
+            return getattr(transformers, arch)
+    raise UnsupportedModelError(
+        f"architecture {getattr(config, 'architectures', None)} (model_type '{config.model_type}') is not supported; "
+        f"expected one of: {', '.join(STOCK_CLASSES)}"
+    )
+
+
+def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig
+
+    local = Path(name).is_dir()
+    if local:
+        config_file = Path(name) / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"folder '{name}' has no config.json; expected a folder written by save_pretrained")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(
+                f"'{config_file}' is not valid JSON ({e}); re-save or re-download the model") from None
+        if str(raw.get("model_type", "")).startswith("vlmcompress_"):
+            from .checkpoint import load
+
+            return load(name, dtype=dtype, meta=meta), _load_processor(name)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError / ValueError / HTTP errors depending on the cause
+        where = "folder" if local else "Hub id"
+        raise ModelLoadError(f"could not read the config of {where} '{name}' ({_short(e)}); check the name") from None
+    cls = _stock_class(config)
+    try:
+        if meta:
+            with torch.device("meta"):
+                model = cls._from_config(config)
+        else:
+            model = cls.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not load the weights of '{name}' ({_short(e)}); the files may be corrupt") from None
+    return model.eval(), (None if meta else _load_processor(name))
+
+
+def _load_processor(name: str) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            return loader.from_pretrained(name, trust_remote_code=False)
+        except Exception:  # a model without a processor or tokenizer is fine
+            continue
+    return None
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

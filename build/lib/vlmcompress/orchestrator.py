@@ -1,0 +1,275 @@
+"""`apply()`: load → adapter → check and order stages → run each → stage checkpoints → final checkpoint.
+
+No algorithm code lives here. Every stage's result is written atomically into a working folder next to the output
+(`<output>.vlmcompress-work/`) with the hash of the recipe prefix that produced it, so `resume=True` continues after
+the last stage whose hash still matches. The output folder appears only by an atomic rename at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .accuracy import check_guards, eval_rows, measure
+from .adapters import adapter_for
+from .bench import quick_speed
+from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
+from .errors import ModelLoadError, OutputError, StageOrderError
+from .model_card import model_card
+from .modeling.reduction import counted_tokens
+from .models import load_model
+from .recipe import Recipe, load_recipe
+from .registry import get_method
+from .stages.base import RunContext, Stage, StageReport, count_params
+
+STAGE_META = "vlmcompress_stage.json"
+
+
+def build_stages(recipe: Recipe) -> list[Stage]:
+    """Instantiate the recipe's stages and check the ordering rules before anything runs."""
+    stages = [get_method(cfg.method).stage_cls(cfg) for cfg in recipe.stages]
+    for i, stage in enumerate(stages[:-1]):
+        if stage.must_be_last:
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}) must be the last stage, but stages[{i + 1}] "
+                f"({stages[i + 1].config.method}) follows it; move it to the end of the recipe"
+            )
+    if not stages:
+        raise StageOrderError("the recipe has no stages; add at least one, e.g. {method: token_reduce, r: 8}")
+    for i, stage in enumerate(stages):
+        if stage.needs_data() and (recipe.data is None or recipe.data.train is None):
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}) needs training / calibration data, but the recipe has no "
+                "data.train; add e.g. data: {train: {builtin: shapes, split: train, size: 256}}"
+            )
+    return stages
+
+
+def work_dir_for(output: Path) -> Path:
+    return output.parent / f"{output.name}.vlmcompress-work"
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise OutputError(f"output folder '{output}' already exists; pass --overwrite to replace it "
+                          "or choose another --output")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".vlmcompress-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write into '{parent}' ({e.strerror}); choose a writable --output") from None
+
+
+def _atomic_write_dir(target: Path, write) -> None:
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _find_resume_point(work: Path, recipe: Recipe) -> tuple[int, Path | None]:
+    """(number of completed stages that still match the recipe, their checkpoint folder)."""
+    done, folder = 0, None
+    for i in range(len(recipe.stages)):
+        candidate = work / f"stage-{i + 1:02d}"
+        meta_file = candidate / STAGE_META
+        if not meta_file.is_file():
+            break
+        meta = json.loads(meta_file.read_text())
+        if meta.get("prefix_hash") != recipe.prefix_hash(i + 1):
+            break
+        done, folder = i + 1, candidate
+    return done, folder
+
+
+class _Progress:
+    """A rich progress display over stages (silent when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = total
+        if enabled:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total} stages"), TimeElapsedColumn())
+            self.task = self.bar.add_task("vlmcompress", total=total)
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def describe(self, text: str) -> None:
+        if self.enabled:
+            self.bar.update(self.task, description=text)
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.bar.advance(self.task)
+
+
+def apply(
+    recipe: str | Path | dict | Recipe,
+    model: nn.Module | None = None,
+    *,
+    output: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    save: bool = True,
+    progress: bool = True,
+    processor: Any = None,
+) -> nn.Module:
+    """Run a recipe and return the compressed model; also write it to the recipe's `output` unless `save=False`.
+
+    Args:
+        recipe: a recipe file, YAML text, dict or `Recipe`.
+        model: an in-memory model to compress instead of loading `recipe.model` (it is modified in place).
+        output: overrides `recipe.output`.
+        resume: continue after the last completed stage whose recipe prefix still matches.
+        overwrite: replace an existing output folder.
+        save: write the output folder (stage checkpoints are only written when saving).
+    Returns:
+        The compressed model (its class is the compressed class that `from_pretrained` rebuilds).
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    out = Path(output or recipe.output)
+    stages = build_stages(recipe)
+    if save:
+        check_output(out, overwrite)
+    torch.manual_seed(recipe.seed)
+    if model is None:
+        model, loaded_processor = load_model(recipe.model, recipe.dtype, recipe.trust_remote_code)
+        if getattr(model, "vlmc_onnx", False):
+            raise ModelLoadError(f"model '{recipe.model}' is an ONNX export, which cannot be compressed further; "
+                                 "use the checkpoint folder it was exported from (its parent folder)")
+        processor = processor if processor is not None else loaded_processor
+    adapter = adapter_for(model)
+    for stage in stages:
+        stage.check(model, adapter)
+
+    ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
+                     compression=compression_record(model), processor=processor)
+    rows = eval_rows(recipe, model)
+    accuracy_before = measure(model, processor, adapter.family, rows)
+    speed_before = quick_speed(model, adapter) if rows is not None else None
+    check_guards(recipe.guards, accuracy_before, accuracy_before, "0")  # metric names and eval data, before any work
+    accuracy_out, speed_out = accuracy_before, speed_before
+    params_before = count_params(model)
+    work = work_dir_for(out)
+    start = 0
+    if save and resume:
+        start, folder = _find_resume_point(work, recipe)
+        if folder is not None:
+            ctx.model = load(folder)
+            ctx.compression = compression_record(ctx.model)
+            meta = json.loads((folder / STAGE_META).read_text())
+            params_before = meta["params_before_recipe"]
+            ctx.reports = [StageReport(**r) for r in meta["reports"]]
+            ctx.artifacts = {name: folder / name for name in meta.get("artifacts", [])}
+    elif save and work.exists():
+        shutil.rmtree(work)  # a fresh run never reuses stale stage results
+
+    if start > 0:
+        accuracy_out = measure(ctx.model, processor, adapter.family, rows)
+        speed_out = quick_speed(ctx.model, adapter) if speed_before is not None else None
+    with _Progress(progress, len(stages)) as bar:
+        for _ in range(start):
+            bar.advance()
+        for i in range(start, len(stages)):
+            stage = stages[i]
+            bar.describe(f"stage {i + 1}/{len(stages)}: {stage.config.method}")
+            torch.manual_seed(recipe.seed + i)  # each stage's randomness is independent of where a run resumed
+            t0 = time.perf_counter()
+            accuracy_in = accuracy_out
+            report = stage.run(ctx)
+            report.seconds = time.perf_counter() - t0
+            # measure the model as it is saved: its compressed class (a token-reduced LLaVA shrinks the processor's
+            # image placeholders to the tokens its vision tower now hands on)
+            to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
+            measured = ctx.model if ctx.deployed is None else ctx.deployed  # e.g. the exported ONNX graphs
+            accuracy_out = measure(measured, processor, adapter.family, rows)
+            if accuracy_out is not None:
+                report.details["accuracy"] = {"before": accuracy_in, "after": accuracy_out}
+            if speed_before is not None:
+                speed_in, speed_out = speed_out, quick_speed(measured, adapter)
+                report.details["speed"] = {"before": speed_in, "after": speed_out}
+            ctx.reports.append(report)
+            if save:
+                _save_stage(ctx, work, i, recipe, params_before)
+            check_guards(recipe.guards, accuracy_before, accuracy_out, f"{i + 1} ({stage.config.method})")
+            bar.advance()
+
+        model = to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
+        report = run_report(ctx, recipe, params_before)
+        if accuracy_before is not None:
+            report["accuracy"] = {"before": accuracy_before, "after": accuracy_out,
+                                  "data": recipe.data.eval.model_dump(mode="json")}
+        if speed_before is not None:
+            report["speed"] = {"before": speed_before, "after": speed_out,
+                               "speedup": round(speed_before["ms_median"] / speed_out["ms_median"], 3),
+                               "flops_reduction": round(speed_before["gflops_per_sample"] /
+                                                        speed_out["gflops_per_sample"], 3)}
+        if save:
+            bar.describe("writing the checkpoint")
+            _atomic_write_dir(out, lambda tmp: save_checkpoint(
+                model, tmp, recipe_yaml=recipe.to_yaml(), report=report, processor=processor,
+                card=model_card(recipe, report, model), artifacts=ctx.artifacts))
+            shutil.rmtree(work, ignore_errors=True)
+    model.vlmcompress_report = report
+    return model
+
+
+def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_before: int) -> None:
+    target = work / f"stage-{index + 1:02d}"
+    work.mkdir(parents=True, exist_ok=True)
+    model = to_compressed(ctx.model, ctx.compression, ctx.adapter, recipe.model)
+    meta = {"stage": index + 1, "method": recipe.stages[index].method, "prefix_hash": recipe.prefix_hash(index + 1),
+            "params_before_recipe": params_before, "reports": [r.to_dict() for r in ctx.reports],
+            "artifacts": sorted(ctx.artifacts)}
+
+    def write(tmp: Path) -> None:
+        save_checkpoint(model, tmp, artifacts=ctx.artifacts)
+        (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
+
+    _atomic_write_dir(target, write)
+
+
+def run_report(ctx: RunContext, recipe: Recipe, params_before: int) -> dict[str, Any]:
+    params_after = count_params(ctx.model)
+    reduction = ctx.compression.get("token_reduction") or {}
+    towers = {}
+    for t in reduction.get("towers", []):
+        # a tower may count another stream's tokens (Turbo in BLIP's text encoder: image tokens, "text image")
+        stream, _ = counted_tokens(reduction["algorithm"], t)
+        towers[t["component"] + (f" {stream}" if stream else "")] = [t["num_tokens"], *t["tokens_per_layer"]]
+    return {
+        "base_model": recipe.model,
+        "family": ctx.adapter.family,
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_ratio": round(params_after / max(params_before, 1), 4),
+        "tokens_per_layer": towers,
+        "stages": [r.to_dict() for r in ctx.reports],
+        "versions": library_versions(),
+    }

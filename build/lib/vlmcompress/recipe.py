@@ -1,0 +1,285 @@
+"""The recipe schema and its YAML loader.
+
+A recipe is a YAML file (read with `yaml.safe_load` only) with `model`, `output`, `data`, `seed`, `dtype`,
+`trust_remote_code` and an ordered list of `stages`, each discriminated by its `method:`. Errors name the file, the
+line, the YAML path and the nearest valid key or method. `Recipe.to_yaml()` writes the resolved recipe (all defaults
+filled in); loading that text again gives an identical recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
+
+from .errors import RecipeError, UnknownMethodError, did_you_mean
+from .registry import get_method, list_methods
+from .stages.base import StageConfig, StrictModel, UnknownChoiceError
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class DataSource(StrictModel):
+    """One split of image-text data: the built-in generator, a local folder, or a Hugging Face dataset."""
+
+    builtin: Literal["shapes"] | None = None
+    path: str | None = Field(None, description="image folder with metadata.jsonl, or a `save_to_disk` folder")
+    hf: str | None = Field(None, description="Hugging Face dataset id")
+    split: str = "train"
+    size: int | None = Field(None, gt=0, description="number of examples to use (all when unset)")
+    image_column: str = "image"
+    text_column: str = "text"
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self):
+        given = [k for k in ("builtin", "path", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of builtin / path / hf (got {', '.join(given) or 'none'}); "
+                "e.g. {builtin: shapes, split: train, size: 512}"
+            )
+        return self
+
+
+class DataSpec(StrictModel):
+    """Calibration / training data (`train`) and evaluation data (`eval`)."""
+
+    train: DataSource | None = None
+    eval: DataSource | None = None
+
+
+class Guards(StrictModel):
+    """Accuracy guards checked after every stage against the uncompressed model on `data.eval`."""
+
+    max_drop: dict[str, float] = Field(
+        default_factory=dict,
+        description="largest allowed drop in points (0-100) per metric, e.g. {recall@1: 1.0}; metrics: recall@1, "
+                    "recall@5, recall@10 (mean of both directions), i2t_R@1, t2i_R@1, ..., zero_shot_shape")
+
+
+class Recipe(StrictModel):
+    """A compression recipe: which model, where to write it, and the ordered stages."""
+
+    model: str = Field(description="a local save_pretrained folder, a built-in name (tiny-clip, ...) or a Hub id")
+    output: str = Field(description="folder the compressed checkpoint is written to (created atomically)")
+    data: DataSpec | None = None
+    guards: Guards | None = None
+    seed: int = 0
+    dtype: DType = Field("float32", description="dtype the source model is loaded in")
+    trust_remote_code: bool = Field(False, description="allow custom code of the *source* model to run")
+    stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def prefix_hash(self, num_stages: int) -> str:
+        """Hash of everything that determines the weights after the first `num_stages` stages."""
+        d = self.to_dict()
+        key = {k: d[k] for k in ("model", "data", "seed", "dtype")} | {"stages": d["stages"][:num_stages]}
+        # guards decide whether a run stops, never what the weights are: they stay out of the hash
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_recipe(source: str | Path | dict, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load and validate a recipe from a YAML file path, YAML text or a dict.
+
+    Raises:
+        RecipeError: with `file:line: yaml.path: problem (did you mean ...)` for every problem found.
+    """
+    filename, lines = "<recipe>", {}
+    if isinstance(source, dict):
+        data = source
+    else:
+        text, filename = _read_text(source)
+        try:
+            data = yaml.safe_load(text)
+            lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{filename}:{mark.line + 1}" if mark else filename
+            raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{filename}: expected a mapping with keys model, output, stages; got {type(data).__name__}")
+    data = dict(data) | (overrides or {})
+    return _validate(data, filename, lines)
+
+
+def _read_text(source: str | Path) -> tuple[str, str]:
+    path = Path(source)
+    if isinstance(source, str) and ("\n" in source or (": " in source and not path.exists())):
+        return source, "<recipe>"
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{source}' not found; expected a YAML file, e.g. recipes/quickstart.yaml")
+    return path.read_text(), str(path)
+
+
+def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> Recipe:
+    problems: list[str] = []
+    raw_stages = data.get("stages", [])
+    stages: list[StageConfig] = []
+    if not isinstance(raw_stages, list):
+        got = type(raw_stages).__name__
+        problems.append(_fmt(filename, lines, ("stages",), f"expected a list of stages, got {got}"))
+        raw_stages = []
+    for i, raw in enumerate(raw_stages):
+        loc = ("stages", i)
+        if not isinstance(raw, dict) or "method" not in raw:
+            methods = ", ".join(m.name for m in list_methods())
+            problems.append(_fmt(filename, lines, loc, f"each stage needs a `method:` key (one of: {methods})"))
+            continue
+        try:
+            entry = get_method(str(raw["method"]))
+        except UnknownMethodError as e:
+            problems.append(_fmt(filename, lines, (*loc, "method"), str(e)))
+            continue
+        try:
+            config_cls = entry.config_cls.config_class(raw)
+        except UnknownChoiceError as e:
+            allowed = e.allowed
+            problems.append(_fmt(filename, lines, (*loc, e.key), f"{e.given!r} is not allowed"
+                                 f"{did_you_mean(str(e.given), allowed)}; expected one of: {', '.join(allowed)}"))
+            continue
+        try:
+            stages.append(config_cls.model_validate(raw))
+        except ValidationError as e:
+            problems += [_fmt_pydantic(filename, lines, config_cls, err, loc) for err in _one_per_loc(e)]
+    top = {k: v for k, v in data.items() if k != "stages"}
+    try:
+        recipe = Recipe.model_validate(top | {"stages": []})
+    except ValidationError as e:
+        problems = [_fmt_pydantic(filename, lines, Recipe, err, ()) for err in _one_per_loc(e)] + problems
+        recipe = None
+    if problems:
+        raise RecipeError("\n".join(problems))
+    recipe.stages = stages  # validated above, one config class per method
+    return recipe
+
+
+def _fmt(filename: str, lines: dict[tuple, int], loc: tuple, message: str) -> str:
+    line = _nearest_line(lines, loc)
+    where = f"{filename}:{line}" if line else filename
+    return f"{where}: {_yaml_path(loc) or '(top level)'}: {message}"
+
+
+_BRANCH_PREFIXES = ("constrained-", "function-")
+_BRANCH_NAMES = {"int", "float", "str", "bool", "list", "tuple", "dict"}
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch tags (`constrained-float`, `list[int]`, ...) from an error location."""
+    return tuple(x for x in loc if not (isinstance(x, str) and
+                                        ("[" in x or x.startswith(_BRANCH_PREFIXES) or x in _BRANCH_NAMES)))
+
+
+def _one_per_loc(error: ValidationError) -> list[dict]:
+    """One error per location: for a union, the branch that matched the input's type says what is wrong."""
+    chosen: dict[tuple, dict] = {}
+    for err in error.errors():
+        loc = _clean_loc(err["loc"])
+        # "Input should be a valid list" comes from a union branch the input never tried to be
+        wrong_type = err["type"].endswith("_type") or err["type"] == "dict_type"
+        if loc not in chosen or (chosen[loc]["_wrong_type"] and not wrong_type):
+            chosen[loc] = err | {"loc": loc, "_wrong_type": wrong_type}
+    return list(chosen.values())
+
+
+def _fmt_pydantic(filename: str, lines: dict[tuple, int], cls: type[BaseModel], err: dict, prefix: tuple) -> str:
+    loc = _clean_loc(err["loc"])
+    kind, message = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(cls, loc[:-1])
+        hint = did_you_mean(str(loc[-1]), valid)
+        message = f"unknown key '{loc[-1]}'{hint}; valid keys here: {', '.join(valid)}"
+    elif kind == "literal_error":
+        allowed = _literal_values(cls, loc)
+        given = err.get("input")
+        message = f"{given!r} is not allowed{did_you_mean(str(given), allowed)}; expected one of: {', '.join(allowed)}"
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    else:
+        message = f"{message} (got {err.get('input')!r})"
+    return _fmt(filename, lines, prefix + loc, message)
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The classes an annotation may hold (through Optional, list, dict, Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is None:
+        return [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += _unwrap(arg)
+    return out + ([annotation] if origin is Literal else [])
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        models = [t for t in _unwrap(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        cls = models[0] if models else None
+    return cls
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    model = _model_at(cls, loc)
+    return list(model.model_fields) if model else []
+
+
+def _literal_values(cls: type[BaseModel], loc: tuple) -> list[str]:
+    names = [p for p in loc if isinstance(p, str)]
+    field = None
+    while names and field is None:  # a dict key (e.g. a component name) is not a field: use its dict's field
+        model = _model_at(cls, tuple(names[:-1]))
+        field = model.model_fields.get(names[-1]) if model else None
+        names = names[:-1]
+    if field is None:
+        return []
+    return [str(v) for t in _unwrap(field.annotation) if typing.get_origin(t) is Literal for v in typing.get_args(t)]
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_map(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
+    """Map every YAML path (tuple of keys / indices) to its 1-based line number."""
+    if node is None:
+        return {}
+    out = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out[(*path, key.value)] = key.start_mark.line + 1
+            out |= {k: v for k, v in _line_map(value, (*path, key.value)).items() if k != (*path, key.value)}
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out |= _line_map(item, (*path, i))
+    return out
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+

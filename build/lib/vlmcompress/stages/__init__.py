@@ -1,0 +1,3 @@
+"""Built-in stages; importing this package registers them."""
+
+from . import quantize, structured_prune, token_reduce  # noqa: F401

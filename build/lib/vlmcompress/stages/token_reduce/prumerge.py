@@ -1,0 +1,59 @@
+"""`algorithm: prumerge` (Shang et al., 2024): at the output of LLaVA's feature layer, keep the patches whose CLS
+attention is an outlier (`mode: adaptive`, IQR over the batch, so the count depends on the images) or the
+`keep_ratio` most attended (`mode: fixed`); each kept patch absorbs its `neighbours` most key-similar patches
+weighted by their CLS attention, and one extra token sums the dropped patches (`extra_token`). `plus: true` is
+PruMerge+ (a uniform stride of patches added, about three per outlier). Runtime: `modeling/prumerge.py`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .llava import LlavaReductionConfig, feature_layer, vision_block
+from .stage import NonNegInt, register_algorithm
+
+
+@register_algorithm
+class PruMergeConfig(LlavaReductionConfig):
+    """PruMerge(+): CLS-attention outliers absorbing their key-similar neighbours, plus an extra token."""
+
+    algorithm: Literal["prumerge"] = "prumerge"
+    mode: Literal["adaptive", "fixed"] | None = Field(
+        None, description="prumerge: adaptive (IQR outliers, count chosen per batch) or fixed (keep_ratio); default "
+                          "fixed when keep_ratio is given, else adaptive")
+    neighbours: NonNegInt = Field(32, description="prumerge: key-similar patches each kept patch absorbs (default 32)")
+    plus: bool = Field(False, description="prumerge: PruMerge+ (add patches on a uniform stride)")
+    keep_positions: bool = Field(
+        False, description="visionzip / prumerge: the kept image tokens keep the position ids they had in the full "
+                           "prompt, in their original order (an addition to the papers, which close the gaps; default "
+                           "false)")
+    extra_token: bool = Field(True, description="prumerge: add one token summing the dropped patches (default true)")
+
+    modeling_module = "vlmcompress.modeling.prumerge"
+
+    @model_validator(mode="after")
+    def _mode_and_ratio(self):
+        if self.mode == "adaptive" and self.keep_ratio is not None:
+            raise ValueError("prumerge mode: adaptive chooses the count itself; drop keep_ratio or use mode: fixed")
+        if self.mode == "fixed" and self.keep_ratio is None:
+            raise ValueError("prumerge mode: fixed needs keep_ratio (the fraction of image tokens kept)")
+        return self
+
+    def block(self, model, adapter) -> dict[str, Any]:
+        from ...modeling.token_ops import keep_count
+
+        self.check_components(adapter)
+        patches = adapter.vision_tower(model).num_tokens - 1
+        mode = self.mode or ("fixed" if self.keep_ratio is not None else "adaptive")
+        options = {"layer": feature_layer(model), "mode": mode, "neighbours": self.neighbours, "plus": self.plus,
+                   "extra_token": self.extra_token, "keep_positions": bool(self.keep_positions)}
+        if mode == "adaptive":
+            return vision_block(self, model, adapter, options, None)
+        total = keep_count(patches, self.keep_ratio)
+        selected = max(1, total - int(self.extra_token))
+        # PruMerge+ keeps about one outlier per three stride points
+        outliers = max(1, math.floor(selected / 4 + 0.5)) if self.plus else selected
+        options |= {"selected": selected, "outliers": outliers}
+        return vision_block(self, model, adapter, options, 1 + selected + int(self.extra_token))

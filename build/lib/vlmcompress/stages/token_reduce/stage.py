@@ -1,0 +1,153 @@
+"""The `token_reduce` stage and the base of every algorithm's config.
+
+An algorithm is one file in this package (or a plug-in anywhere) holding a `TokenReduceConfig` subclass: its
+`algorithm: Literal[...]`, its knobs with their defaults and validation, the components it reduces, and its planner
+(`block`: the checkpoint's `token_reduction` block, from shapes only), registered by one `register_algorithm` call.
+Its runtime half is one flat file of the shipped modeling code (`vlmcompress/modeling/<name>.py`), named by
+`modeling_module`. The stage names no algorithm: it asks the chosen config class.
+
+Recipes stay as they were: `algorithm:` picks the class (a discriminated union, `tome` when absent).
+"""
+
+from __future__ import annotations
+
+import importlib
+import typing
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_serializer, model_validator
+
+from ...errors import VlmCompressError
+from ..base import RunContext, Stage, StageConfig, StageReport, UnknownChoiceError, count_params
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+ALGORITHMS: dict[str, type[TokenReduceConfig]] = {}
+
+
+class TokenReduceConfig(StageConfig):
+    """Reduce the number of tokens inside a tower's layers."""
+
+    method: Literal["token_reduce"]
+    algorithm: str = "tome"
+    r: NonNegInt | list[NonNegInt] | tuple[NonNegInt, float] | None = Field(
+        None, description="tokens removed per layer: an int, [r, inflect] (a linear ramp) or a per-layer list "
+                          "(8 unless keep_ratio is given)"
+    )
+    keep_ratio: float | None = Field(None, gt=0.0, le=1.0,
+                                     description="fraction of the tokens left after the last layer (a constant r "
+                                                 "is chosen to hit it); instead of r. fastv / visionzip / prumerge: "
+                                                 "fraction of the image tokens kept at the reduction point")
+    components: list[Literal["vision", "text", "llm"]] = Field(["vision"], min_length=1,
+                                                             description="towers to reduce (fastv: [llm])")
+    proportional_attention: bool = Field(True, description="weight attention by merged-token sizes (log size bias)")
+
+    # what an algorithm declares (class attributes, not recipe keys)
+    towers: ClassVar[tuple[str, ...]] = ("vision",)  # components it can reduce
+    knobs: ClassVar[tuple[str, ...]] = ()  # its own keys, saved in the checkpoint block's `options`
+    modeling_module: ClassVar[str] = ""  # its runtime file: `vlmcompress.modeling.<name>` (or a plug-in's module)
+
+    @classmethod
+    def config_class(cls, data: Any) -> type[TokenReduceConfig]:
+        """The registered class for `data["algorithm"]` (`tome` when absent)."""
+        name = data.get("algorithm", "tome") if isinstance(data, dict) else "tome"
+        if name not in ALGORITHMS:
+            raise UnknownChoiceError("algorithm", name, list(ALGORITHMS))
+        return ALGORITHMS[name]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _knobs_of_other_algorithms(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or cls is TokenReduceConfig:
+            return data
+        theirs = [k for k in data if k not in cls.model_fields and any(k in other.model_fields for other in
+                                                                        ALGORITHMS.values())]
+        if theirs:
+            raise ValueError(f"{', '.join(theirs)} do not apply to algorithm: {data.get('algorithm', 'tome')}")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+    def algorithm_options(self) -> dict[str, Any]:
+        """The knobs the reducing layers read at run time (saved in the checkpoint's token_reduction block)."""
+        return {k: getattr(self, k) for k in self.knobs}
+
+    def check_components(self, adapter) -> None:
+        for component in self.components:
+            if component not in self.towers:
+                raise VlmCompressError(f"token_reduce: algorithm {self.algorithm} reduces {', '.join(self.towers)} "
+                                       f"tokens, not {component}; remove {component!r} from components")
+
+    # the planner: every algorithm implements `block`; `plan` and `details` have defaults in the layer-wise base
+
+    def block(self, model, adapter) -> dict[str, Any]:
+        """The checkpoint's `token_reduction` block: `{"algorithm", "options", "towers": [...]}` (shapes only)."""
+        raise NotImplementedError
+
+    def plan(self, model, adapter) -> dict[str, Any]:
+        """What `validate` / `--dry-run` show: tokens per layer and GFLOPs estimates before / after."""
+        raise NotImplementedError
+
+    def details(self, block: dict[str, Any]) -> dict[str, Any]:
+        """The report's details for the applied `block` (tokens per layer per tower, clamped layers)."""
+        towers = {}
+        for tower in block["towers"]:
+            clamped = {str(i): {"requested": b, "applied": a}
+                       for i, (a, b) in enumerate(zip(tower["r"], tower.get("requested_r", tower["r"]))) if a < b}
+            towers[tower["component"]] = {"r": tower["r"], "clamped": clamped,
+                                          "tokens_per_layer": [tower["num_tokens"], *tower["tokens_per_layer"]]}
+        first = towers[block["towers"][0]["component"]]
+        return {"algorithm": block["algorithm"], "options": block["options"], "towers": towers, "r": first["r"],
+                "tokens_per_layer": first["tokens_per_layer"], "clamped": first["clamped"]}
+
+
+def register_algorithm(config_cls: type[TokenReduceConfig]) -> type[TokenReduceConfig]:
+    """Register a token-reduction algorithm: its config class (a `TokenReduceConfig` subclass whose `algorithm` is a
+    one-value `Literal`) and, through `modeling_module`, its runtime reducer. Checked: a name is taken once, and
+    the module must register a reducer of that name. Usable as a decorator."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, TokenReduceConfig)):
+        raise VlmCompressError(f"register_algorithm takes a TokenReduceConfig subclass, got {config_cls!r}")
+    names = typing.get_args(config_cls.model_fields["algorithm"].annotation)
+    if len(names) != 1:
+        raise VlmCompressError(f"{config_cls.__name__}.algorithm must be a Literal of one name, e.g. "
+                               "algorithm: Literal['mine'] = 'mine'")
+    name = names[0]
+    known = ALGORITHMS.get(name)
+    if known is not None and known.__qualname__ != config_cls.__qualname__:
+        raise VlmCompressError(f"token-reduction algorithm {name!r} is already registered by {known.__name__}")
+    importlib.import_module(config_cls.modeling_module)  # registers the reducer
+    from ...modeling.reduction import REDUCERS
+
+    if name not in REDUCERS:
+        raise VlmCompressError(f"{config_cls.modeling_module} registers no reducer named {name!r}; end it with "
+                               f"REDUCER = register_reducer(Reducer({name!r}, ...))")
+    ALGORITHMS[name] = config_cls
+    return config_cls
+
+
+class TokenReduceStage(Stage):
+    """Token reduction inside the layers of a model (ToMe, Turbo, CrossGET, FastV, VisionZip, PruMerge, plug-ins)."""
+
+    changes_architecture = True
+
+    def check(self, model, adapter) -> None:
+        self.config.block(model, adapter)
+
+    def plan(self, model, adapter) -> dict[str, Any]:
+        return self.config.plan(model, adapter)
+
+    def run(self, ctx: RunContext) -> StageReport:
+        from ...modeling.reduction import apply_token_reduction
+
+        if ctx.compression.get("token_reduction"):
+            raise VlmCompressError("the model already has token reduction; use one token_reduce stage per model")
+        block = self.config.block(ctx.model, ctx.adapter)
+        apply_token_reduction(ctx.model, block)
+        ctx.compression["token_reduction"] = block
+        params = count_params(ctx.model)
+        return StageReport(method="token_reduce", matched=[t["layers_path"] for t in block["towers"]],
+                           params_before=params, params_after=count_params(ctx.model),
+                           details=self.config.details(block))
