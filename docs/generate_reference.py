@@ -44,9 +44,11 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _table(model: type[BaseModel]) -> list[str]:
+def _table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
+        if name in skip:
+            continue
         default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
         kind = _type_name(field.annotation)
         rows.append(f"| `{name}` | `{kind}` | {default} | {field.description or ''} |")
@@ -64,6 +66,17 @@ def render() -> str:
     for entry in list_methods():
         lines += [f"### `method: {entry.name}`", "", entry.config_cls.__doc__.strip(), "",
                   *_table(entry.config_cls), ""]
+        choices = entry.config_cls.choices()
+        if choices is None:
+            continue
+        key, classes = choices
+        lines += [f"`{key}:` chooses one of {', '.join(f'`{n}`' for n in classes)} (default "
+                  f"`{entry.config_cls.model_fields[key].default}`); each adds its own keys:", ""]
+        for name, cls in classes.items():
+            own = tuple(entry.config_cls.model_fields)
+            lines += [f"#### `{key}: {name}`", "", (cls.__doc__ or "").strip().split("\n")[0], ""]
+            if any(f not in own for f in cls.model_fields):
+                lines += [*_table(cls, skip=own), ""]
     return "\n".join(lines)
 
 

@@ -109,10 +109,11 @@ def violations(files, forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_resolver_handles_relative_imports():
-    stage = PACKAGE / "stages" / "structured_prune.py"
-    assert module_name(stage) == "vlmcompress.stages.structured_prune"
-    assert resolve(stage, 2, "adapters") == "vlmcompress.adapters"
-    assert resolve(stage, 1, "base") == "vlmcompress.stages.base"
+    stage = PACKAGE / "stages" / "structured_prune" / "stage.py"
+    assert module_name(stage) == "vlmcompress.stages.structured_prune.stage"
+    assert resolve(stage, 3, "adapters") == "vlmcompress.adapters"
+    assert resolve(stage, 2, "base") == "vlmcompress.stages.base"
+    assert resolve(stage, 1, "magnitude") == "vlmcompress.stages.structured_prune.magnitude"
     assert resolve(PACKAGE / "stages" / "__init__.py", 1, None) == "vlmcompress.stages"
     tp = INTEGRATIONS / "torch_pruning.py"
     assert module_name(tp) == "vlmcompress.integrations.torch_pruning"
@@ -128,9 +129,9 @@ def test_scanner_sees_known_imports():
     registry_targets = {t for i in imports_of(PACKAGE / "registry.py") for t in i.targets}
     assert "vlmcompress.stages" in registry_targets  # the lazy `from . import stages`
     assert "vlmcompress.errors" in registry_targets
-    prune = {t for i in imports_of(PACKAGE / "stages" / "structured_prune.py") for t in i.targets}
+    prune = {t for i in imports_of(PACKAGE / "stages" / "structured_prune" / "stage.py") for t in i.targets}
     assert {"vlmcompress.integrations", "vlmcompress.integrations.torch_pruning", "torch"} <= prune
-    assert violations([PACKAGE / "stages" / "structured_prune.py"], ("vlmcompress.adapters",))
+    assert violations([PACKAGE / "stages" / "structured_prune" / "stage.py"], ("vlmcompress.adapters",))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def modeling_violations(path: Path) -> list[str]:
 
 
 def test_modeling_rule_detects_violations():
-    assert any("2 dots" in v for v in modeling_violations(PACKAGE / "stages" / "structured_prune.py"))
+    assert any("2 dots" in v for v in modeling_violations(PACKAGE / "stages" / "structured_prune" / "stage.py"))
     recipe = modeling_violations(PACKAGE / "recipe.py")
     assert any(v.endswith("imports yaml") for v in recipe) and any(v.endswith("imports pydantic") for v in recipe)
 

@@ -195,13 +195,13 @@ def test_plan_from_shapes_only():
     adapter = BUILTIN_TINY["tiny-clip"]
     with torch.device("meta"):
         model = adapter.tiny_model()
-    config = QuantizeConfig(method="quantize", backend="onnxruntime", overrides={"text": "none"},
-                            ignore=["re:.*mlp\\.fc2"])
-    plan = vx.plan_stage(model, adapter, config)
+    config = QuantizeConfig.parse({"method": "quantize", "backend": "onnxruntime", "overrides": {"text": "none"},
+                                   "ignore": ["re:.*mlp\\.fc2"]})
+    plan = config.plan(model, adapter)
     assert plan["graphs"] == {"image_encoder": "int8_dynamic (vision)", "text_encoder": "fp32 (text)"}
     assert plan["int8 linear layers"] == {"vision": 2 * 6 - 2}  # q, k, v, out, fc1, fc2 per layer, minus the fc2s
-    llava = vx.plan_stage(BUILTIN_TINY["tiny-llava"].tiny_model(), BUILTIN_TINY["tiny-llava"],
-                          QuantizeConfig(method="quantize", backend="onnxruntime"))
+    llava = QuantizeConfig.parse({"method": "quantize", "backend": "onnxruntime"}).plan(
+        BUILTIN_TINY["tiny-llava"].tiny_model(), BUILTIN_TINY["tiny-llava"])
     assert llava["int8 linear layers"] == {"vision": 12, "projector": 2} and "llm" in llava["not exported"]
 
 

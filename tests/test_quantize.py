@@ -261,14 +261,14 @@ def test_calibrated_schemes(quantized_slow, reloaded_slow, name):
 
 
 def test_every_backend_scheme_is_covered():
-    from vlmcompress.stages.quantize import BACKEND_SCHEMES
+    from vlmcompress.stages.quantize import backend_schemes
 
     every = CASES | SLOW_CASES
     covered = {(every[n][2].get("backend", "torch"), every[n][2].get("scheme", "int8")) for n in every}
     from vlmcompress.stages.quantize import resolve_scheme
 
     covered = {(b, resolve_scheme(b, s)) for b, s in covered}
-    for backend, schemes in BACKEND_SCHEMES.items():
+    for backend, schemes in backend_schemes().items():
         if backend == "onnxruntime":
             continue  # exported graphs, tested in test_onnx.py
         for scheme in schemes:

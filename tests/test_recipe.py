@@ -139,13 +139,14 @@ def test_ratio_forms_survive_round_trip(tmp_path):
 
 def test_stage_configs_are_the_registered_classes():
     from vlmcompress.stages.structured_prune import StructuredPruneConfig
+    from vlmcompress.stages.structured_prune.magnitude import MagnitudeConfig
     from vlmcompress.stages.token_reduce import TokenReduceConfig
     from vlmcompress.stages.token_reduce.tome import ToMeConfig
 
     recipe = load_recipe(ROUND_TRIP["full"])
-    # token_reduce's registered class dispatches on `algorithm:` to the algorithm's own class (tome by default)
-    assert [type(s) for s in recipe.stages] == [StructuredPruneConfig, ToMeConfig]
-    assert isinstance(recipe.stages[1], TokenReduceConfig)
+    # each registered class dispatches on its choice (`importance:`, `algorithm:`) to the chosen plug-in's class
+    assert [type(s) for s in recipe.stages] == [MagnitudeConfig, ToMeConfig]
+    assert isinstance(recipe.stages[0], StructuredPruneConfig) and isinstance(recipe.stages[1], TokenReduceConfig)
     assert isinstance(recipe, Recipe)
 
 

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import vlmcompress  # noqa: E402
 from vlmcompress.adapters import BUILTIN_TINY, adapter_for  # noqa: E402
 from vlmcompress.errors import NoMatchingModulesError, VlmCompressError  # noqa: E402
-from vlmcompress.stages.selectors import check_selectors, matches  # noqa: E402
+from vlmcompress.selectors import check_selectors, matches  # noqa: E402
 from vlmcompress.stages.structured_prune import (  # noqa: E402
     StructuredPruneConfig,
     StructuredPruneStage,
@@ -102,7 +102,7 @@ def test_invalid_regex_is_reported(names):
 
 
 def stage(**config):
-    return StructuredPruneStage(StructuredPruneConfig(method="structured_prune", **config))
+    return StructuredPruneStage(StructuredPruneConfig.parse({"method": "structured_prune", **config}))
 
 
 def test_check_accepts_ignore_pattern():

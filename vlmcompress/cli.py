@@ -202,6 +202,9 @@ def list_methods_cmd():
     table = Table("method", "description", "keys")
     for entry in list_methods():
         keys = ", ".join(k for k in entry.config_cls.model_fields if k != "method")
+        choices = entry.config_cls.choices()
+        if choices is not None:  # e.g. algorithm: tome | turbo | ... (each with keys of its own)
+            keys += f"; {choices[0]}: {' | '.join(choices[1])}"
         table.add_row(entry.name, entry.summary, keys)
     console.print(table)
 

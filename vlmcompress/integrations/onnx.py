@@ -45,7 +45,6 @@ import contextlib
 import io
 import json
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -59,6 +58,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendNotInstalledError, ModelLoadError, UnsupportedModelError, VlmCompressError
+from ..selectors import matches
 
 ONNX_DIR = "onnx"
 MARKER = "vlmcompress_onnx"
@@ -74,7 +74,7 @@ class OnnxExportError(VlmCompressError):
     """A model (or a part of it) that cannot be exported to a correct ONNX graph."""
 
 
-def _require() -> None:
+def require() -> None:
     """Import the optional packages once, turning a missing one into the one-line install hint."""
     for module, package in (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")):
         try:
@@ -278,7 +278,7 @@ def _sort_stable_translation():
 
 def export_graph(graph: Graph, path: Path) -> dict[str, Any]:
     """Export `graph` with the dynamo exporter to `path`; returns how long it took and the exporter used."""
-    _require()
+    require()
     from torch.export import Dim
 
     dims: dict[str, Any] = {}
@@ -390,7 +390,7 @@ def quantize_graph(source: Path, target: Path, nodes: list[str], reduce_range: b
     """ONNX Runtime dynamic int8 (weights int8 per output channel, on 7 bits with `reduce_range`; activations uint8
     per tensor at run time) of the given MatMul nodes; returns those that were quantized (each is replaced by integer
     ops under new names)."""
-    _require()
+    require()
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -438,7 +438,7 @@ def initializer_types(path: Path) -> dict[str, int]:
 
 def session(path: Path, threads: int | None = None):
     """An ONNX Runtime CPU session with `threads` intra-op threads (default: torch's thread count)."""
-    _require()
+    require()
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -502,16 +502,10 @@ def _quantized_modules(graph: Graph, nodes: dict[str, str], scheme: str, compone
                 continue
         parts = module.split(".")
         names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        if any(_match(s, n) for s in ignore for n in names):
+        if any(matches(s, n) for s in ignore for n in names):
             continue
         chosen[node] = module
     return chosen
-
-
-def _match(selector: str, name: str) -> bool:
-    if selector.startswith("re:"):
-        return re.fullmatch(selector[3:], name) is not None
-    return selector == name
 
 
 @dataclass
@@ -540,7 +534,7 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
     Returns:
         An `ExportResult` with the folder, the written `config.json` content and the quantized module names.
     """
-    _require()
+    require()
     if scheme not in SCHEMES:
         raise VlmCompressError(f"onnxruntime scheme {scheme!r} is not supported; expected one of: "
                                f"{', '.join(SCHEMES)}")
@@ -784,88 +778,3 @@ def saturation_warning(spec: dict[str, Any], cpu=None) -> str | None:
     return (f"this ONNX export has full 8-bit int8 weights, chosen for a CPU with VNNI ({chosen_for}); this CPU "
             f"({cpu.label()} has no VNNI, where ONNX Runtime's int8 sums can saturate and outputs drift: export again on "
             "this machine or with reduce_range: true in the quantize stage")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the quantize stage's `onnxruntime` backend
-
-
-def quantize_stage(ctx, config) -> dict[str, Any]:
-    """`backend: onnxruntime` of the `quantize` stage: export and quantize into the output folder's `onnx/`.
-
-    The PyTorch model is left as it is (the checkpoint stays fp32 and loads with `from_pretrained`); the graphs are
-    written to a temporary folder registered in `ctx.artifacts["onnx"]`, which the orchestrator copies into the
-    output folder. For dual encoders the exported graphs become `ctx.deployed`, so the accuracy and speed measured
-    after this stage are those of ONNX Runtime.
-    """
-    import weakref
-
-    scheme = "int8_dynamic" if config.scheme == "int8" else config.scheme
-    if getattr(config, "compile", False):
-        raise VlmCompressError("quantize.compile applies to the PyTorch backends; ONNX Runtime optimises the graph "
-                               "itself: remove compile: true (or use backend: torchao)")
-    overrides = {c: ("int8_dynamic" if s == "int8" else s) for c, s in (config.overrides or {}).items()}
-    components = list(config.components) if config.components is not None else None
-    family = ctx.adapter.family
-    if family == "llava" and "llm" in (components or []) + [c for c, s in overrides.items() if s != "none"]:
-        raise VlmCompressError("the onnxruntime backend exports LLaVA's vision tower and projector only; the "
-                               "language model stays in the PyTorch checkpoint: remove 'llm' from components / "
-                               "overrides (or quantize it with backend: torch)")
-    tmp = Path(tempfile.mkdtemp(prefix="vlmcompress-onnx-"))
-    weakref.finalize(ctx, shutil.rmtree, tmp, True)  # once the run (and its final save) is over
-    result = export(ctx.model, ctx.adapter, tmp / ONNX_DIR, scheme=scheme, processor=ctx.processor,
-                    components=components, overrides=overrides, ignore=list(config.ignore),
-                    reduce_range=config.reduce_range)
-    ctx.artifacts[ONNX_DIR] = result.folder
-    if family in ("clip", "siglip"):
-        ctx.deployed = load_onnx(result.folder)
-    graphs = {}
-    for name, g in result.config["graphs"].items():
-        graphs[name] = {"file": f"{ONNX_DIR}/{g['file']}", "scheme": g["scheme"], "bytes":
-                        (result.folder / g["file"]).stat().st_size, "quantized_modules": len(g.get(
-                            "quantized_modules", [])), "check_fp32": g["check_fp32"], "check": g.get("check"),
-                        "export_seconds": g["seconds"]}
-    return {"backend": "onnxruntime", "scheme": config.scheme, "resolved_scheme": scheme, "output": f"{ONNX_DIR}/",
-            "graphs": graphs, "matched": result.quantized, "int8_format": result.config["int8_format"],
-            "note": ("PyTorch weights stay fp32 (the checkpoint loads with from_pretrained); the ONNX graphs in onnx/ "
-                     "are what was quantized" + ("; accuracy and speed after this stage are ONNX Runtime's"
-                                                 if ctx.deployed is not None else
-                                                 "; LLaVA's language model is not exported"))}
-
-
-def plan_stage(model: nn.Module, adapter, config) -> dict[str, Any]:
-    """What `quantize: {backend: onnxruntime}` would export and quantize, from shapes only (`validate`, dry runs).
-
-    Linear layers are counted per component as the stage would select them (exact names and `re:` selectors of
-    `ignore`); the dual encoders' projections sit outside the components and stay fp32 in the graphs anyway.
-    """
-    family = adapter.family
-    if family not in FAMILIES:
-        raise UnsupportedModelError(f"the onnxruntime backend exports {', '.join(FAMILIES)} models; this one is a "
-                                    f"{family} model")
-    scheme = "int8_dynamic" if config.scheme == "int8" else config.scheme
-    overrides = {c: ("int8_dynamic" if s == "int8" else s) for c, s in (config.overrides or {}).items()}
-    graphs = {"image_encoder": ("vision", "projector")} if family == "llava" else {"image_encoder": ("vision",),
-                                                                                  "text_encoder": ("text",)}
-    components = adapter.components(model)
-    from .. import cpu as cpu_facts
-
-    layout = int8_format(cpu_facts.detect(with_torch=False), config.reduce_range)
-    plan: dict[str, Any] = {"backend": "onnxruntime", "scheme": scheme, "graphs": {}, "int8 linear layers": {},
-                            "int8 weights": f"{7 if layout.reduce_range else 8} bits ({layout.reason})"}
-    for name, owned in graphs.items():
-        chosen = [c for c in owned if (config.components is None or c in config.components)
-                  and overrides.get(c, scheme) not in ("none", "fp32")]
-        plan["graphs"][name] = f"{'int8_dynamic' if chosen else 'fp32'} ({'+'.join(owned)})"
-        for component in chosen:
-            path = adapter.component_paths[component]
-            count = 0
-            for sub, module in components[component].named_modules():
-                parts = f"{path}.{sub}".split(".") if sub else path.split(".")
-                names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-                if type(module) is nn.Linear and not any(_match(s, n) for s in config.ignore for n in names):
-                    count += 1
-            plan["int8 linear layers"][component] = count
-    if family == "llava":
-        plan["not exported"] = "llm (stays in the PyTorch checkpoint)"
-    return plan

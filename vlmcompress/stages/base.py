@@ -29,6 +29,16 @@ class StageConfig(StrictModel):
         as token_reduce's `algorithm:`) the registered subclass that `data` chooses; raises `UnknownChoiceError`."""
         return cls
 
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> StageConfig:
+        """Validate a recipe entry with the class it chooses (as recipes do)."""
+        return cls.config_class(data).model_validate(data)
+
+    @classmethod
+    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]] | None:
+        """`(key, {value: class})` of a method with plug-in choices (`("algorithm", {...})`), else None."""
+        return None
+
 
 class UnknownChoiceError(ValueError):
     """A recipe value that chooses a plug-in (`algorithm:`, `importance:`, `backend:`) which is not registered."""

@@ -48,6 +48,10 @@ class TokenReduceConfig(StageConfig):
     modeling_module: ClassVar[str] = ""  # its runtime file: `vlmcompress.modeling.<name>` (or a plug-in's module)
 
     @classmethod
+    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
+        return "algorithm", dict(ALGORITHMS)
+
+    @classmethod
     def config_class(cls, data: Any) -> type[TokenReduceConfig]:
         """The registered class for `data["algorithm"]` (`tome` when absent)."""
         name = data.get("algorithm", "tome") if isinstance(data, dict) else "tome"

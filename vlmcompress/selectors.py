@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..errors import NoMatchingModulesError, closest
+from .errors import NoMatchingModulesError, closest
 
 
 def matches(selector: str, name: str) -> bool:

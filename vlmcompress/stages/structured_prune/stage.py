@@ -1,6 +1,9 @@
-"""`structured_prune`: remove attention heads and MLP neurons for real (smaller tensors).
+"""The `structured_prune` stage and the base of every importance's config: remove attention heads and MLP neurons for
+real (smaller tensors).
 
-Importance is the L2 magnitude of each head's (or neuron's) weights across every projection it is coupled to,
+An importance is one file of this package holding a `StructuredPruneConfig` subclass (its `importance: Literal`,
+its per-element score, whether it reads data and what it computes first), registered by `register_importance`;
+this file names none. With `magnitude` (the default), importance is the L2 magnitude of each head's (or neuron's) weights across every projection it is coupled to,
 normalised by the mean of its layer so that one global ranking per component can remove more from the layers that
 matter less (non-uniform per-layer widths). At least one head and one neuron stay in every layer. The residual width
 never changes, so projection dimensions of dual encoders, the vision → projector → LLM interface and fused `qkv`
@@ -15,24 +18,28 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
-from ..adapters import AttentionUnit, MlpUnit, get_submodule
-from ..adapters.base import encoder_gflops
-from ..errors import VlmCompressError
-from ..integrations import torch_pruning as tpi
-from ..modeling.shapes import set_dotted_attr
-from ..registry import register_method
-from .base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, count_params
-from .selectors import check_selectors, matches
+from ...adapters import AttentionUnit, MlpUnit, get_submodule
+from ...adapters.base import encoder_gflops
+from ...errors import VlmCompressError
+from ...integrations import torch_pruning as tpi
+from ...modeling.shapes import set_dotted_attr
+from ...selectors import check_selectors, matches
+from ..base import (COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, UnknownChoiceError,
+                    count_params)
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+IMPORTANCES: dict[str, type[StructuredPruneConfig]] = {}
 
 
 class StructuredPruneConfig(StageConfig):
     """Remove a fraction of attention heads and MLP neurons by importance."""
 
     method: Literal["structured_prune"]
-    importance: Literal["magnitude", "taylor"] = Field(
+    importance: str = Field(
         "magnitude", description="magnitude: weight norms; taylor: |w · gradient| of the task loss on data.train")
+    # shared by the importances that read data (taylor): how much of data.train they see
     calibration_batches: int = Field(4, ge=1, description="taylor: batches of data.train used for the gradients")
     calibration_batch_size: int = Field(32, ge=1)
     ratio: Ratio | dict[Component, Ratio] = Field(
@@ -42,17 +49,54 @@ class StructuredPruneConfig(StageConfig):
     ignore: list[str] = Field([], description="module names (exact or 're:' regex) left untouched")
     global_ranking: bool = Field(True, description="rank across the layers of a component (non-uniform widths)")
 
+    @classmethod
+    def config_class(cls, data: Any) -> type[StructuredPruneConfig]:
+        """The registered class for `data["importance"]` (`magnitude` when absent)."""
+        name = data.get("importance", "magnitude") if isinstance(data, dict) else "magnitude"
+        if name not in IMPORTANCES:
+            raise UnknownChoiceError("importance", name, list(IMPORTANCES))
+        return IMPORTANCES[name]
 
-def elementwise_score(p: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-element importance of a weight: `w²` (magnitude) or `|w · ∂L/∂w|` (first-order Taylor)."""
-    if kind == "taylor":
-        if p.grad is None:
-            raise VlmCompressError("taylor importance needs gradients; none were computed for a pruned weight")
-        return (p * p.grad).abs()
-    return p.pow(2)
+    @classmethod
+    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
+        return "importance", dict(IMPORTANCES)
+
+    def needs_data(self) -> bool:
+        """Whether this importance reads the recipe's data.train."""
+        return False
+
+    def prepare(self, ctx: RunContext) -> None:
+        """What the importance computes on the model before the scores are read (Taylor: gradients)."""
+
+    def element_score(self, p: torch.Tensor) -> torch.Tensor:
+        """Per-element importance of a weight or bias `p` (same shape)."""
+        raise NotImplementedError
 
 
-def _rows_score(linear: torch.nn.Linear, idxs: list[int], kind: str) -> torch.Tensor:
+def register_importance(config_cls: type[StructuredPruneConfig]) -> type[StructuredPruneConfig]:
+    """Register a pruning importance (a `StructuredPruneConfig` subclass whose `importance` is a one-value
+    `Literal`); a name is taken once. Usable as a decorator."""
+    import typing
+
+    if not (isinstance(config_cls, type) and issubclass(config_cls, StructuredPruneConfig)):
+        raise VlmCompressError(f"register_importance takes a StructuredPruneConfig subclass, got {config_cls!r}")
+    names = typing.get_args(config_cls.model_fields["importance"].annotation)
+    if len(names) != 1:
+        raise VlmCompressError(f"{config_cls.__name__}.importance must be a Literal of one name")
+    known = IMPORTANCES.get(names[0])
+    if known is not None and known.__qualname__ != config_cls.__qualname__:
+        raise VlmCompressError(f"pruning importance {names[0]!r} is already registered by {known.__name__}")
+    IMPORTANCES[names[0]] = config_cls
+    return config_cls
+
+
+def elementwise_score(p: torch.Tensor, kind: str | StructuredPruneConfig) -> torch.Tensor:
+    """Per-element importance of a weight under importance `kind` (a registered name or a config)."""
+    config = kind if isinstance(kind, StructuredPruneConfig) else IMPORTANCES[kind].model_construct(importance=kind)
+    return config.element_score(p)
+
+
+def _rows_score(linear: torch.nn.Linear, idxs: list[int], kind) -> torch.Tensor:
     s = elementwise_score(linear.weight, kind)[idxs].sum()
     return s + (elementwise_score(linear.bias, kind)[idxs].sum() if linear.bias is not None else 0.0)
 
@@ -77,7 +121,7 @@ def _group_channels(unit: AttentionUnit, group: dict[str, list[int]]) -> dict[st
 
 
 @torch.no_grad()
-def head_importance(unit: AttentionUnit, kind: str = "magnitude") -> torch.Tensor:
+def head_importance(unit: AttentionUnit, kind: str | StructuredPruneConfig = "magnitude") -> torch.Tensor:
     """`[num_kv_heads]` importance of each head group, summed over every coupled projection: squared L2 norm
     (magnitude) or `Σ |w · grad|` (taylor)."""
     scores = []
@@ -93,7 +137,7 @@ def head_importance(unit: AttentionUnit, kind: str = "magnitude") -> torch.Tenso
 
 
 @torch.no_grad()
-def neuron_importance(unit: MlpUnit, kind: str = "magnitude") -> torch.Tensor:
+def neuron_importance(unit: MlpUnit, kind: str | StructuredPruneConfig = "magnitude") -> torch.Tensor:
     """`[width]` importance of each neuron: its rows in the up projections and column in the down projection."""
     down = get_submodule(unit.module, unit.down)
     s = elementwise_score(down.weight, kind).sum(dim=0)
@@ -198,21 +242,7 @@ class StructuredPruneStage(Stage):
         return atts, mlps
 
     def needs_data(self) -> bool:
-        return self.config.importance == "taylor"
-
-    def _accumulate_gradients(self, ctx: RunContext) -> None:
-        """Sum the gradients of the family's task loss over `calibration_batches` batches of `data.train`."""
-        from ..data import load_rows
-
-        cfg = self.config
-        rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed, cfg.calibration_batches * cfg.calibration_batch_size)
-        was_training = ctx.model.training
-        ctx.model.zero_grad(set_to_none=True)
-        ctx.model.train(False)  # dropout off: the scores should not depend on the random mask
-        with torch.enable_grad():
-            for i in range(0, len(rows), cfg.calibration_batch_size):
-                ctx.adapter.task_loss(ctx.model, ctx.processor, rows[i:i + cfg.calibration_batch_size]).backward()
-        ctx.model.train(was_training)
+        return self.config.needs_data()
 
     def check(self, model, adapter) -> None:
         self.ratios(adapter, model)
@@ -253,9 +283,8 @@ class StructuredPruneStage(Stage):
         before = {n: list(p.shape) for n, p in model.named_parameters()}
         ratios = self.ratios(adapter, model)
         atts, mlps = self.units(model, adapter)
-        importance = self.config.importance
-        if importance == "taylor":
-            self._accumulate_gradients(ctx)
+        importance = self.config
+        importance.prepare(ctx)
         per_layer: dict[str, dict[str, list[int]]] = defaultdict(dict)
         for kind, units, score_fn, remove_fn in (("heads", atts, head_importance, remove_heads),
                                                   ("mlp", mlps, neuron_importance, remove_neurons)):
@@ -291,9 +320,7 @@ def _projection_names(unit) -> list[str]:
 def _fix_fused_attention(model, compression) -> None:
     # BLIP / BLIP-2 stock attention infers the head width from the residual width, which is wrong once heads are
     # gone; the modeling code's fused-attention forward uses the recorded head_dim instead
-    from ..modeling.shapes import patch_fused_attention
+    from ...modeling.shapes import patch_fused_attention
 
     patch_fused_attention(model, compression["param_shapes"])
 
-
-register_method("structured_prune", StructuredPruneConfig, StructuredPruneStage)

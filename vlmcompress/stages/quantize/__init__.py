@@ -1,0 +1,18 @@
+"""`quantize`: int8 / int4 linear layers; always the last stage.
+
+One file per backend (its config class, knobs, schemes, CPU-speed notes and `quantize`), registered by
+`register_backend`: `torch_dynamic.py` (`backend: torch`, the default), `torchao.py`, `quanto.py`,
+`neural_compressor.py` (the last three on `library.py`), `onnxruntime.py`. The stage itself (`stage.py`) names
+none of them. Adding one: docs/extending.md.
+"""
+
+from ...registry import register_method
+
+# each registers itself; the order is the one error messages and docs list them in (the default first)
+from . import torch_dynamic, torchao, quanto, neural_compressor, onnxruntime  # noqa: F401, I001
+from .stage import (BACKENDS, QuantizeConfig, QuantizeStage, backend_schemes, register_backend,  # noqa: F401
+                    resolve_scheme)
+
+register_method("quantize", QuantizeConfig, QuantizeStage)
+
+__all__ = ["BACKENDS", "QuantizeConfig", "QuantizeStage", "backend_schemes", "register_backend", "resolve_scheme"]

@@ -1,0 +1,42 @@
+"""`importance: taylor`: first-order Taylor importance, `|w · ∂L/∂w|` of the family's task loss summed over
+`calibration_batches` batches of `data.train` (Molchanov et al., 2019): what removing a weight would cost the loss,
+to first order."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ...errors import VlmCompressError
+from ..base import RunContext
+from .stage import StructuredPruneConfig, register_importance
+
+
+@register_importance
+class TaylorConfig(StructuredPruneConfig):
+    """Taylor importance: |weight × gradient| of the task loss on data.train."""
+
+    importance: Literal["taylor"] = "taylor"
+
+    def needs_data(self) -> bool:
+        return True
+
+    def prepare(self, ctx: RunContext) -> None:
+        """Sum the gradients of the family's task loss over `calibration_batches` batches of `data.train`."""
+        from ...data import load_rows
+
+        rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed,
+                         self.calibration_batches * self.calibration_batch_size)
+        was_training = ctx.model.training
+        ctx.model.zero_grad(set_to_none=True)
+        ctx.model.train(False)  # dropout off: the scores should not depend on the random mask
+        with torch.enable_grad():
+            for i in range(0, len(rows), self.calibration_batch_size):
+                ctx.adapter.task_loss(ctx.model, ctx.processor, rows[i:i + self.calibration_batch_size]).backward()
+        ctx.model.train(was_training)
+
+    def element_score(self, p: torch.Tensor) -> torch.Tensor:
+        if p.grad is None:
+            raise VlmCompressError("taylor importance needs gradients; none were computed for a pruned weight")
+        return (p * p.grad).abs()
