@@ -5,7 +5,11 @@
 - nothing but `vlmcompress/__main__.py` imports the CLI;
 - `vlmcompress/integrations/` never imports `stages`;
 - `stages/` never imports `recipe`, `orchestrator` or `cli`;
-- `adapters/` never imports `stages`, `orchestrator`, `recipe` or `cli`.
+- `adapters/` never imports `stages`, `orchestrator`, `recipe` or `cli`;
+- no import circle anywhere in the package (imports inside functions included), and the core layers (`LAYERS`)
+  only import downwards;
+- `import vlmcompress`, `vlmcompress --help`, `list-methods` and `validate --help` import neither torch nor
+  transformers.
 """
 
 import os
@@ -87,7 +91,7 @@ def imports_of(path: Path) -> list[Import]:
 
 
 def source_files() -> list[Path]:
-    return sorted(PACKAGE.rglob("*.py")) + sorted(INTEGRATIONS.glob("*.py"))
+    return sorted(PACKAGE.rglob("*.py"))
 
 
 def within(name: str, prefix: str) -> bool:
@@ -127,9 +131,10 @@ def test_scanner_sees_known_imports():
     files = source_files()
     assert PACKAGE / "modeling" / "modeling_vlmcompress.py" in files and INTEGRATIONS / "torch_pruning.py" in files
     registry_targets = {t for i in imports_of(PACKAGE / "registry.py") for t in i.targets}
-    assert "vlmcompress.stages" in registry_targets  # the lazy `from . import stages`
     assert "vlmcompress.errors" in registry_targets
-    prune = {t for i in imports_of(PACKAGE / "stages" / "structured_prune" / "stage.py") for t in i.targets}
+    recipe = {t for i in imports_of(PACKAGE / "recipe.py") for t in i.targets}
+    assert "vlmcompress.stages" in recipe  # `from . import stages as _builtin_methods`
+    prune = {t for i in imports_of(PACKAGE / "stages" / "structured_prune" / "pruning.py") for t in i.targets}
     assert {"vlmcompress.integrations", "vlmcompress.integrations.torch_pruning", "torch"} <= prune
     assert violations([PACKAGE / "stages" / "structured_prune" / "stage.py"], ("vlmcompress.adapters",))
 
@@ -229,3 +234,116 @@ def test_modeling_files_import_standalone(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layers: no circle, a light package face
+
+
+def import_graph() -> dict[str, set[str]]:
+    """`{module: modules it imports}` inside vlmcompress, counting imports inside functions too (a lazy import
+    hides a circle from Python, not from a reader). `from pkg import name` points at `pkg.name` when that is a
+    module, else at `pkg`; importing a submodule is not counted as importing its parent packages."""
+    modules = {module_name(p): p for p in source_files()}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for imp in imports_of(path):
+            internal = [t for t in imp.targets if within(t, "vlmcompress")]
+            if not internal:
+                continue
+            named = [t for t in internal[1:] if t in modules] if len(internal) > 1 else []
+            for target in named or [internal[0]]:
+                while target not in modules and "." in target:
+                    target = target.rpartition(".")[0]
+                if target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    assert "vlmcompress.data.schema" in graph["vlmcompress.recipe"]  # the scanner sees the edges it must
+    found = cycles(graph)
+    assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+# from the bottom up: a module may import only from its own layer or below (no arrow running back up)
+LAYERS = [
+    ("vlmcompress.errors", "vlmcompress.cpu", "vlmcompress.schema", "vlmcompress.selectors", "vlmcompress.versions"),
+    ("vlmcompress.modeling",),
+    ("vlmcompress.adapters", "vlmcompress.data"),
+    ("vlmcompress.registry",),
+    ("vlmcompress.measure", "vlmcompress.integrations"),
+    ("vlmcompress.stages",),
+    ("vlmcompress.recipe",),
+]
+
+
+def layer_of(module: str) -> int | None:
+    for i, prefixes in enumerate(LAYERS):
+        if any(within(module, p) for p in prefixes):
+            return i
+    return None
+
+
+def test_no_import_runs_back_up_the_layers():
+    bad = []
+    for module, targets in import_graph().items():
+        here = layer_of(module)
+        if here is None:
+            continue  # above the layered core: orchestrator, cli, bench, ...
+        for target in targets:
+            there = layer_of(target)
+            if there is None or there > here:
+                bad.append(f"{module} (layer {here}) imports {target} (layer {there})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+@pytest.mark.parametrize("argv", [None, ["--help"], ["list-methods"], ["validate", "--help"]],
+                         ids=["import", "--help", "list-methods", "validate --help"])
+def test_the_package_face_imports_no_torch(argv):
+    """`import vlmcompress` and the CLI's cheap commands import neither torch nor transformers (lazy attributes)."""
+    run = ("import vlmcompress" if argv is None else
+           f"import sys; sys.argv = ['vlmcompress', *{argv!r}]\n"
+           "from vlmcompress.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code")
+    code = f"{run}\nimport sys\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

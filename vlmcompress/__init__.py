@@ -18,9 +18,33 @@ if not _os.environ.get("VLMCOMPRESS_DEBUG"):
     _logging.getLogger("torchao").setLevel(_logging.ERROR)
     _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
-from .checkpoint import load
-from .orchestrator import apply
-from .recipe import Recipe, load_recipe
-from .registry import list_methods, register_method
+# The public names load on first use (as transformers and PEFT do): `import vlmcompress`, `vlmcompress --help` and
+# listing methods import neither torch nor transformers.
+_LAZY = {
+    "apply": ("orchestrator", "apply"),
+    "load": ("checkpoint", "load"),
+    "Recipe": ("recipe", "Recipe"),
+    "load_recipe": ("recipe", "load_recipe"),
+    "list_methods": ("recipe", "list_methods"),  # through recipe: the built-in methods registered
+    "register_method": ("registry", "register_method"),
+    "register_algorithm": ("stages.token_reduce", "register_algorithm"),
+    "register_importance": ("stages.structured_prune", "register_importance"),
+    "register_backend": ("stages.quantize", "register_backend"),
+}
 
-__all__ = ["Recipe", "__version__", "apply", "list_methods", "load", "load_recipe", "register_method"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from .errors import ModelLoadError
 from .modeling import configuration_vlmcompress as cfg_mod
 from .modeling import modeling_vlmcompress as model_mod
+from .versions import library_versions  # noqa: F401  (part of this module's interface)
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 ENTRY_FILE = "modeling_vlmcompress.py"
@@ -29,12 +29,14 @@ _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
 def _with_relative_imports(path: Path, found: dict[str, Path]) -> dict[str, Path]:
-    """`path` and every sibling file it imports (`from .x import ...`, anywhere in the file), recursively."""
+    """`path` and every sibling file it imports (`from .x import ...`, anywhere in the file), recursively; a plug-in's
+    file outside the package finds its siblings beside it, or else among vlmcompress's modeling files."""
     if path.name in found:
         return found
     found[path.name] = path
     for name in _RELATIVE_IMPORT.findall(path.read_text()):
-        _with_relative_imports(path.parent / f"{name}.py", found)
+        sibling = path.parent / f"{name}.py"
+        _with_relative_imports(sibling if sibling.is_file() else MODELING_DIR / f"{name}.py", found)
     return found
 
 
@@ -63,16 +65,6 @@ def modeling_files(algorithm: str | None) -> dict[str, str]:
     texts[ALGORITHM_INDEX] = built_in.replace("\nNAMES = ", f"\nfrom .{path.stem} import REDUCER as PLUG_IN  "
                                                              "# noqa: F401  (written by vlmcompress)\n\nNAMES = ", 1)
     return texts
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("vlmcompress", "torch", "transformers", "torch-pruning", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
 
 
 def stock_class_name(model: nn.Module) -> str:

@@ -197,7 +197,7 @@ def inspect(
 @_friendly
 def list_methods_cmd():
     """List the stage methods a recipe can use."""
-    from .registry import list_methods
+    from .recipe import list_methods  # the recipe schema registers the built-in methods
 
     table = Table("method", "description", "keys")
     for entry in list_methods():

@@ -15,42 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError
 
+from . import stages as _builtin_methods  # noqa: F401  (importing the method packages registers them)
+from .data.schema import DataSource, DataSpec
 from .errors import RecipeError, UnknownMethodError, did_you_mean
 from .registry import get_method, list_methods
-from .stages.base import StageConfig, StrictModel, UnknownChoiceError
+from .schema import StageConfig, StrictModel, UnknownChoiceError
+
+__all__ = ["DataSource", "DataSpec", "Guards", "Recipe", "load_recipe"]
 
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-class DataSource(StrictModel):
-    """One split of image-text data: the built-in generator, a local folder, or a Hugging Face dataset."""
-
-    builtin: Literal["shapes"] | None = None
-    path: str | None = Field(None, description="image folder with metadata.jsonl, or a `save_to_disk` folder")
-    hf: str | None = Field(None, description="Hugging Face dataset id")
-    split: str = "train"
-    size: int | None = Field(None, gt=0, description="number of examples to use (all when unset)")
-    image_column: str = "image"
-    text_column: str = "text"
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self):
-        given = [k for k in ("builtin", "path", "hf") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of builtin / path / hf (got {', '.join(given) or 'none'}); "
-                "e.g. {builtin: shapes, split: train, size: 512}"
-            )
-        return self
-
-
-class DataSpec(StrictModel):
-    """Calibration / training data (`train`) and evaluation data (`eval`)."""
-
-    train: DataSource | None = None
-    eval: DataSource | None = None
 
 
 class Guards(StrictModel):

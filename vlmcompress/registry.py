@@ -1,7 +1,8 @@
 """Method registry: maps a recipe's `method:` name to its config class and stage class.
 
 Registration is one explicit, checked call per method (no package walking), in the spirit of PEFT's
-`register_peft_method`.
+`register_peft_method`. This module imports no method: the method packages import it and register themselves when
+they are imported (`vlmcompress.stages` imports the built-in ones; the recipe schema imports `vlmcompress.stages`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ def register_method(name: str, config_cls: type, stage_cls: type, summary: str =
 
 def get_method(name: str) -> MethodEntry:
     """The registered entry for `name`, or an error suggesting the closest registered name."""
-    _ensure_builtin_methods()
     if name not in _METHODS:
         raise UnknownMethodError(
             f"unknown method {name!r}{did_you_mean(name, _METHODS)}; available: {', '.join(sorted(_METHODS))}"
@@ -60,10 +60,4 @@ def get_method(name: str) -> MethodEntry:
 
 def list_methods() -> list[MethodEntry]:
     """All registered methods, sorted by name."""
-    _ensure_builtin_methods()
     return [_METHODS[k] for k in sorted(_METHODS)]
-
-
-def _ensure_builtin_methods() -> None:
-    # importing the package registers the built-in stages exactly once
-    from . import stages  # noqa: F401

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .sources import DataError, export_image_folder, load_source
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["DataError", "export_image_folder", "load_rows", "load_source"]
 

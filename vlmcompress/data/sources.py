@@ -91,7 +91,7 @@ def export_image_folder(dataset: Any, folder: str | Path) -> Path:
 def _as_source(source: Any):
     from pydantic import ValidationError
 
-    from ..recipe import DataSource
+    from .schema import DataSource
 
     if isinstance(source, DataSource):
         return source

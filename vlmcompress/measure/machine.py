@@ -14,7 +14,7 @@ import torch
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     from .. import cpu as cpu_facts
-    from ..checkpoint import library_versions
+    from ..versions import library_versions
 
     cpu = platform.processor() or platform.machine()
     try:

@@ -3,50 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from pydantic import BaseModel, ConfigDict
+from ..schema import COMPONENTS, Component, StageConfig, StrictModel, UnknownChoiceError  # noqa: F401
 
-Component = Literal["vision", "text", "qformer", "projector", "llm"]
-COMPONENTS: tuple[str, ...] = ("vision", "text", "qformer", "projector", "llm")
-
-
-class StrictModel(BaseModel):
-    """Base of every user-authored schema: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class StageConfig(StrictModel):
-    """Base class of a stage's recipe entry; subclasses narrow `method` to a `Literal`."""
-
-    method: str
-
-    @classmethod
-    def config_class(cls, data: Any) -> type[StageConfig]:
-        """The class that validates the recipe entry `data`: this one, or (for a method with plug-in choices, such
-        as token_reduce's `algorithm:`) the registered subclass that `data` chooses; raises `UnknownChoiceError`."""
-        return cls
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> StageConfig:
-        """Validate a recipe entry with the class it chooses (as recipes do)."""
-        return cls.config_class(data).model_validate(data)
-
-    @classmethod
-    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]] | None:
-        """`(key, {value: class})` of a method with plug-in choices (`("algorithm", {...})`), else None."""
-        return None
-
-
-class UnknownChoiceError(ValueError):
-    """A recipe value that chooses a plug-in (`algorithm:`, `importance:`, `backend:`) which is not registered."""
-
-    def __init__(self, key: str, given: Any, allowed: list[str]):
-        self.key, self.given, self.allowed = key, given, allowed
-        super().__init__(f"{key}: {given!r} is not one of {', '.join(allowed)}")
-
+if TYPE_CHECKING:  # torch is imported where a stage runs, not where recipes are validated
+    import torch
 
 @dataclass
 class StageReport:
@@ -78,7 +40,7 @@ class RunContext:
     pruning changed, and the token-reduction block. Stages append to it; nothing else mutates it.
     """
 
-    model: torch.nn.Module
+    model: Any  # torch.nn.Module
     adapter: Any
     recipe: Any
     seed: int = 0
@@ -126,7 +88,7 @@ class Stage:
         raise NotImplementedError
 
 
-def count_params(model: torch.nn.Module) -> int:
+def count_params(model) -> int:
     """Parameters as the float model has them: a quantized linear layer counts its `in × out` weight and its bias,
     whatever its integer storage (which lives in buffers and backend kernel modules)."""
     from ..modeling.quantized import QuantizedLinear

@@ -9,10 +9,19 @@ from ...registry import register_method
 
 # each registers itself; the order is the one error messages and docs list them in (the default first)
 from . import magnitude, taylor  # noqa: F401, I001
-from .stage import (IMPORTANCES, StructuredPruneConfig, StructuredPruneStage, choose_removals,  # noqa: F401
-                    head_importance, neuron_importance, register_importance)
+from .stage import (IMPORTANCES, StructuredPruneConfig, StructuredPruneStage, head_importance,  # noqa: F401
+                    neuron_importance, register_importance)
 
 register_method("structured_prune", StructuredPruneConfig, StructuredPruneStage)
+
+def __getattr__(name: str):
+    # the pruning kernels import torch: loaded on first use, so that listing methods does not
+    if name == "choose_removals":
+        from .pruning import choose_removals
+
+        return choose_removals
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["IMPORTANCES", "StructuredPruneConfig", "StructuredPruneStage", "choose_removals", "head_importance",
            "neuron_importance", "register_importance"]

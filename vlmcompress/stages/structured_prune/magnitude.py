@@ -3,11 +3,12 @@ the squared L2 norm of its weights across every projection it is coupled to. Nee
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from .stage import StructuredPruneConfig, register_importance
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_importance

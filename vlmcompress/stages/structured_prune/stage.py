@@ -15,17 +15,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import Field
 
-from ...adapters import AttentionUnit, MlpUnit, get_submodule
-from ...adapters.base import encoder_gflops
 from ...errors import VlmCompressError
-from ...integrations import torch_pruning as tpi
-from ...modeling.shapes import set_dotted_attr
 from ...selectors import check_selectors, matches
-from ..base import (COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, UnknownChoiceError,
-                    count_params)
+from ..base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, UnknownChoiceError, count_params
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -68,7 +62,7 @@ class StructuredPruneConfig(StageConfig):
     def prepare(self, ctx: RunContext) -> None:
         """What the importance computes on the model before the scores are read (Taylor: gradients)."""
 
-    def element_score(self, p: torch.Tensor) -> torch.Tensor:
+    def element_score(self, p: Any) -> Any:
         """Per-element importance of a weight or bias `p` (same shape)."""
         raise NotImplementedError
 
@@ -90,118 +84,22 @@ def register_importance(config_cls: type[StructuredPruneConfig]) -> type[Structu
     return config_cls
 
 
-def elementwise_score(p: torch.Tensor, kind: str | StructuredPruneConfig) -> torch.Tensor:
-    """Per-element importance of a weight under importance `kind` (a registered name or a config)."""
-    config = kind if isinstance(kind, StructuredPruneConfig) else IMPORTANCES[kind].model_construct(importance=kind)
-    return config.element_score(p)
+def _config_for(kind: str | StructuredPruneConfig) -> StructuredPruneConfig:
+    return kind if isinstance(kind, StructuredPruneConfig) else IMPORTANCES[kind].model_construct(importance=kind)
 
 
-def _rows_score(linear: torch.nn.Linear, idxs: list[int], kind) -> torch.Tensor:
-    s = elementwise_score(linear.weight, kind)[idxs].sum()
-    return s + (elementwise_score(linear.bias, kind)[idxs].sum() if linear.bias is not None else 0.0)
+def head_importance(unit, kind: str | StructuredPruneConfig = "magnitude"):
+    """`[num_kv_heads]` importance of each head group of `unit` under importance `kind` (a name or a config)."""
+    from . import pruning
+
+    return pruning.head_importance(unit, _config_for(kind).element_score)
 
 
-def _head_groups(unit: AttentionUnit) -> list[dict[str, list[int]]]:
-    """Channels of every prunable group of `unit`: one head, or one key/value head with its query heads."""
-    per_group = unit.num_heads // unit.num_kv_heads
-    groups = []
-    for g in range(unit.num_kv_heads):
-        q_heads = list(range(g * per_group, (g + 1) * per_group))
-        groups.append({"q_heads": q_heads, "kv_heads": [g]})
-    return groups
+def neuron_importance(unit, kind: str | StructuredPruneConfig = "magnitude"):
+    """`[width]` importance of each MLP neuron of `unit` under importance `kind` (a name or a config)."""
+    from . import pruning
 
-
-def _group_channels(unit: AttentionUnit, group: dict[str, list[int]]) -> dict[str, list[int]]:
-    d = unit.head_dim
-    if unit.qkv:
-        return {"qkv": tpi.head_channels(group["q_heads"], d, chunks=3, heads_per_chunk=unit.num_heads),
-                "out": tpi.head_channels(group["q_heads"], d)}
-    return {"q": tpi.head_channels(group["q_heads"], d), "k": tpi.head_channels(group["kv_heads"], d),
-            "v": tpi.head_channels(group["kv_heads"], d), "out": tpi.head_channels(group["q_heads"], d)}
-
-
-@torch.no_grad()
-def head_importance(unit: AttentionUnit, kind: str | StructuredPruneConfig = "magnitude") -> torch.Tensor:
-    """`[num_kv_heads]` importance of each head group, summed over every coupled projection: squared L2 norm
-    (magnitude) or `Σ |w · grad|` (taylor)."""
-    scores = []
-    for group in _head_groups(unit):
-        ch = _group_channels(unit, group)
-        out = get_submodule(unit.module, unit.out)
-        s = elementwise_score(out.weight, kind)[:, ch["out"]].sum()
-        for key in ("qkv", "q", "k", "v"):
-            if key in ch:
-                s = s + _rows_score(get_submodule(unit.module, getattr(unit, key)), ch[key], kind)
-        scores.append(s)
-    return torch.stack(scores).float()
-
-
-@torch.no_grad()
-def neuron_importance(unit: MlpUnit, kind: str | StructuredPruneConfig = "magnitude") -> torch.Tensor:
-    """`[width]` importance of each neuron: its rows in the up projections and column in the down projection."""
-    down = get_submodule(unit.module, unit.down)
-    s = elementwise_score(down.weight, kind).sum(dim=0)
-    for name in unit.up:
-        up = get_submodule(unit.module, name)
-        s = s + elementwise_score(up.weight, kind).sum(dim=1)
-        if up.bias is not None:
-            s = s + elementwise_score(up.bias, kind)
-    return s.float()
-
-
-def choose_removals(scores: dict[str, torch.Tensor], ratio: float, global_ranking: bool) -> dict[str, list[int]]:
-    """Indices to remove per unit so that `ratio` of all groups go, keeping at least one per unit.
-
-    Scores are divided by their unit's mean first, so one ranking across layers compares like with like.
-    """
-    normalised = {k: v / v.mean().clamp_min(1e-12) for k, v in scores.items()}
-    removals: dict[str, list[int]] = {k: [] for k in scores}
-    if global_ranking:
-        total = sum(len(v) for v in scores.values())
-        budget = int(round(ratio * total))
-        flat = sorted((float(s), k, i) for k, v in normalised.items() for i, s in enumerate(v))
-        for _, key, idx in flat:
-            if budget == 0:
-                break
-            if len(scores[key]) - len(removals[key]) > 1:
-                removals[key].append(idx)
-                budget -= 1
-    else:
-        for key, v in normalised.items():
-            n = min(int(round(ratio * len(v))), len(v) - 1)
-            removals[key] = v.argsort()[:n].tolist()
-    return removals
-
-
-def remove_heads(unit: AttentionUnit, groups_to_remove: list[int]) -> dict[str, Any]:
-    """Cut the channels of the given head groups; returns the module attributes that changed."""
-    groups = _head_groups(unit)
-    chosen = [groups[g] for g in groups_to_remove]
-    merged = {"q_heads": sorted(h for g in chosen for h in g["q_heads"]),
-              "kv_heads": sorted(h for g in chosen for h in g["kv_heads"])}
-    ch = _group_channels(unit, merged)
-    tpi.prune_in_channels(get_submodule(unit.module, unit.out), ch["out"])
-    for key in ("qkv", "q", "k", "v"):
-        if key in ch:
-            tpi.prune_out_channels(get_submodule(unit.module, getattr(unit, key)), ch[key])
-    heads = unit.num_heads - len(merged["q_heads"])
-    kv_heads = unit.num_kv_heads - len(merged["kv_heads"])
-    attrs = {a: heads for a in unit.head_attrs} | {a: kv_heads for a in unit.kv_head_attrs}
-    attrs |= {a: heads * unit.head_dim for a in unit.width_attrs}
-    for attr, value in attrs.items():
-        set_dotted_attr(unit.module, attr, value)
-    return attrs
-
-
-def remove_neurons(unit: MlpUnit, idxs: list[int]) -> dict[str, Any]:
-    for name in unit.up:
-        tpi.prune_out_channels(get_submodule(unit.module, name), idxs)
-    down = get_submodule(unit.module, unit.down)
-    tpi.prune_in_channels(down, idxs)
-    attrs = {a: down.in_features for a in unit.width_attrs}
-    for attr, value in attrs.items():
-        set_dotted_attr(unit.module, attr, value)
-    return attrs
+    return pruning.neuron_importance(unit, _config_for(kind).element_score)
 
 
 class StructuredPruneStage(Stage):
@@ -224,7 +122,11 @@ class StructuredPruneStage(Stage):
             return dict(ratio)
         return {c: ratio for c in present}
 
-    def units(self, model, adapter) -> tuple[list[AttentionUnit], list[MlpUnit]]:
+    def units(self, model, adapter) -> tuple[list, list]:
+        """The attention and MLP units (`AttentionUnit`, `MlpUnit`) this stage prunes."""
+        from ...adapters import get_submodule
+        from .pruning import _projection_names
+
         ratios = self.ratios(adapter, model)
         ignore = self.config.ignore
         full_names = {id(m): n for n, m in model.named_modules()}
@@ -249,6 +151,9 @@ class StructuredPruneStage(Stage):
         check_selectors(self.config.ignore, [n for n, _ in model.named_modules()], "structured_prune.ignore")
 
     def plan(self, model, adapter) -> dict[str, Any]:
+        from ...adapters import get_submodule
+        from ...adapters.base import encoder_gflops
+
         ratios = self.ratios(adapter, model)
         atts, mlps = self.units(model, adapter)
         plan: dict[str, Any] = {}
@@ -278,6 +183,9 @@ class StructuredPruneStage(Stage):
         return plan
 
     def run(self, ctx: RunContext) -> StageReport:
+        from ...adapters import get_submodule
+        from .pruning import _fix_fused_attention, choose_removals, remove_heads, remove_neurons
+
         model, adapter = ctx.model, ctx.adapter
         report = StageReport(method="structured_prune", params_before=count_params(model))
         before = {n: list(p.shape) for n, p in model.named_parameters()}
@@ -310,17 +218,4 @@ class StructuredPruneStage(Stage):
         report.details = {"ratios": ratios, "per_module": dict(per_layer)}
         return report
 
-
-def _projection_names(unit) -> list[str]:
-    if isinstance(unit, AttentionUnit):
-        return [p for p in (unit.q, unit.k, unit.v, unit.qkv, unit.out) if p]
-    return [*unit.up, unit.down]
-
-
-def _fix_fused_attention(model, compression) -> None:
-    # BLIP / BLIP-2 stock attention infers the head width from the residual width, which is wrong once heads are
-    # gone; the modeling code's fused-attention forward uses the recorded head_dim instead
-    from ...modeling.shapes import patch_fused_attention
-
-    patch_fused_attention(model, compression["param_shapes"])
 

@@ -4,13 +4,14 @@ to first order."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ...errors import VlmCompressError
 from ..base import RunContext
 from .stage import StructuredPruneConfig, register_importance
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_importance
@@ -24,6 +25,8 @@ class TaylorConfig(StructuredPruneConfig):
 
     def prepare(self, ctx: RunContext) -> None:
         """Sum the gradients of the family's task loss over `calibration_batches` batches of `data.train`."""
+        import torch
+
         from ...data import load_rows
 
         rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed,

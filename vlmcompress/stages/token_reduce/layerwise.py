@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import model_validator
 
-from ...adapters.base import encoder_gflops
 from ...errors import VlmCompressError
 from .stage import TokenReduceConfig
 
@@ -82,6 +81,8 @@ class LayerwiseConfig(TokenReduceConfig):
 
     def plan_tower(self, s: dict[str, Any], model, adapter) -> dict[str, Any]:
         """Tokens per layer, clamped layers and the tower's GFLOPs estimate before / after, for one entry."""
+        from ...adapters.base import encoder_gflops
+
         n0 = s["num_tokens"]
         units = [u for u in adapter.attention_units(model) if u.component == s["component"]]
         mlps = [u for u in adapter.mlp_units(model) if u.component == s["component"]]

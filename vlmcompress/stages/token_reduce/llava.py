@@ -29,7 +29,6 @@ from typing import Any
 
 from pydantic import model_validator
 
-from ...adapters.base import encoder_gflops
 from ...errors import VlmCompressError
 from .stage import TokenReduceConfig
 
@@ -118,6 +117,8 @@ def vision_block(cfg, model, adapter, options: dict[str, Any], after: int | None
 
 def plan(cfg, model, adapter) -> dict[str, Any]:
     """Tokens at the reduction point and GFLOPs estimates (one image + a 32-token prompt) before / after."""
+    from ...adapters.base import encoder_gflops
+
     block = cfg.block(model, adapter)
     tower = block["towers"][0]
     n_image = image_tokens(model)

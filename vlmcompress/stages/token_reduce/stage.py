@@ -45,7 +45,10 @@ class TokenReduceConfig(StageConfig):
     # what an algorithm declares (class attributes, not recipe keys)
     towers: ClassVar[tuple[str, ...]] = ("vision",)  # components it can reduce
     knobs: ClassVar[tuple[str, ...]] = ()  # its own keys, saved in the checkpoint block's `options`
-    modeling_module: ClassVar[str] = ""  # its runtime file: `vlmcompress.modeling.<name>` (or a plug-in's module)
+    # its runtime half: a dotted module (the built-ins: `vlmcompress.modeling.<name>`), or a plug-in's flat file,
+    # loaded as part of vlmcompress's modeling package so that its `from .reduction import ...` resolves
+    modeling_module: ClassVar[str] = ""
+    modeling_file: ClassVar[str | None] = None
 
     @classmethod
     def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
@@ -110,26 +113,56 @@ class TokenReduceConfig(StageConfig):
 
 def register_algorithm(config_cls: type[TokenReduceConfig]) -> type[TokenReduceConfig]:
     """Register a token-reduction algorithm: its config class (a `TokenReduceConfig` subclass whose `algorithm` is a
-    one-value `Literal`) and, through `modeling_module`, its runtime reducer. Checked: a name is taken once, and
-    the module must register a reducer of that name. Usable as a decorator."""
+    one-value `Literal`) and, through `modeling_module` or `modeling_file`, its runtime reducer. Checked: a name is
+    taken once, and the runtime must register a reducer of that name (a plug-in's `modeling_file` is loaded now; a
+    built-in module when the algorithm is first used, so that listing methods needs no torch). Usable as a
+    decorator."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, TokenReduceConfig)):
         raise VlmCompressError(f"register_algorithm takes a TokenReduceConfig subclass, got {config_cls!r}")
     names = typing.get_args(config_cls.model_fields["algorithm"].annotation)
     if len(names) != 1:
         raise VlmCompressError(f"{config_cls.__name__}.algorithm must be a Literal of one name, e.g. "
                                "algorithm: Literal['mine'] = 'mine'")
+    if bool(config_cls.modeling_module) == bool(config_cls.modeling_file):
+        raise VlmCompressError(f"{config_cls.__name__} needs exactly one of modeling_module (a dotted module) and "
+                               "modeling_file (a path): where its reducer is")
     name = names[0]
     known = ALGORITHMS.get(name)
     if known is not None and known.__qualname__ != config_cls.__qualname__:
         raise VlmCompressError(f"token-reduction algorithm {name!r} is already registered by {known.__name__}")
-    importlib.import_module(config_cls.modeling_module)  # registers the reducer
+    ALGORITHMS[name] = config_cls
+    if config_cls.modeling_file:
+        load_runtime(config_cls)
+    return config_cls
+
+
+def load_runtime(config_cls: type[TokenReduceConfig]) -> None:
+    """Import the algorithm's runtime file (which registers its reducer) and check that it did."""
     from ...modeling.reduction import REDUCERS
 
+    name = typing.get_args(config_cls.model_fields["algorithm"].annotation)[0]
+    if name in REDUCERS:
+        return
+    if config_cls.modeling_file:
+        import sys
+        from importlib import util
+        from pathlib import Path
+
+        path = Path(config_cls.modeling_file)
+        module_name = f"vlmcompress.modeling.{path.stem}"
+        spec = util.spec_from_file_location(module_name, path)
+        if spec is None or not path.is_file():
+            raise VlmCompressError(f"{config_cls.__name__}.modeling_file '{path}' is not a Python file")
+        module = util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        where = str(path)
+    else:
+        importlib.import_module(config_cls.modeling_module)
+        where = config_cls.modeling_module
     if name not in REDUCERS:
-        raise VlmCompressError(f"{config_cls.modeling_module} registers no reducer named {name!r}; end it with "
+        raise VlmCompressError(f"{where} registers no reducer named {name!r}; end it with "
                                f"REDUCER = register_reducer(Reducer({name!r}, ...))")
-    ALGORITHMS[name] = config_cls
-    return config_cls
 
 
 class TokenReduceStage(Stage):
@@ -138,6 +171,7 @@ class TokenReduceStage(Stage):
     changes_architecture = True
 
     def check(self, model, adapter) -> None:
+        load_runtime(type(self.config))
         self.config.block(model, adapter)
 
     def plan(self, model, adapter) -> dict[str, Any]:
@@ -145,6 +179,8 @@ class TokenReduceStage(Stage):
 
     def run(self, ctx: RunContext) -> StageReport:
         from ...modeling.reduction import apply_token_reduction
+
+        load_runtime(type(self.config))
 
         if ctx.compression.get("token_reduction"):
             raise VlmCompressError("the model already has token reduction; use one token_reduce stage per model")
