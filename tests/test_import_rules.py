@@ -347,3 +347,19 @@ def test_the_package_face_imports_no_torch(argv):
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_backends_import_their_libraries_through_one_helper():
+    """Every integration reaches its optional library through `integrations.optional_import` (one install hint),
+    none catches ImportError itself; the shipped modeling code, which cannot import vlmcompress, has its own."""
+    bad = []
+    for path in sorted(INTEGRATIONS.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ExceptHandler) and "ImportError" in ast.unparse(node.type or ast.Name("")):
+                bad.append(f"{path.name}:{node.lineno} catches ImportError")
+    assert not bad, "\n".join(bad)
+    users = [p.name for p in INTEGRATIONS.glob("*.py") if "optional_import(" in p.read_text()]
+    assert {"torchao.py", "quanto.py", "neural_compressor.py", "torch_pruning.py", "onnx_runtime.py"} <= set(users)

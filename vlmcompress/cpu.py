@@ -93,8 +93,9 @@ def torch_cpu_facts() -> dict[str, Any]:
     shown = torch.__config__.show()
     facts: dict[str, Any] = {"quantized_engine": torch.backends.quantized.engine,
                              "quantized_engines": list(torch.backends.quantized.supported_engines)}
-    for key, marker in (("mkl", "Intel(R) oneAPI Math Kernel Library Version"), ("mkl", "Intel(R) Math Kernel Library"),
-                        ("onednn", "Intel(R) MKL-DNN"), ("onednn", "oneDNN")):
+    markers = (("mkl", "Intel(R) oneAPI Math Kernel Library Version"), ("mkl", "Intel(R) Math Kernel Library"),
+               ("onednn", "Intel(R) MKL-DNN"), ("onednn", "oneDNN"))
+    for key, marker in markers:
         if key in facts:
             continue
         line = next((ln.strip() for ln in shown.splitlines() if marker in ln), None)

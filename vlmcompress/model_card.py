@@ -48,7 +48,7 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
                   f"| GFLOPs per sample | {b['gflops_per_sample']} | {a['gflops_per_sample']} | "
                   f"{speed['flops_reduction']}× fewer |"]
     lines += quantization_lines(model)
-    lines += onnx_lines(report)
+    lines += stage_lines(recipe, report)
     lines += ["", "## Stages", ""]
     for i, stage in enumerate(report["stages"], 1):
         lines.append(f"{i}. `{stage['method']}`: {len(stage['matched'])} modules changed, parameters "
@@ -62,23 +62,14 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def onnx_lines(report: dict) -> list[str]:
-    """The ONNX Runtime graphs that a `quantize: {backend: onnxruntime}` stage wrote into `onnx/`."""
-    details = next((s["details"] for s in report["stages"] if s["details"].get("backend") == "onnxruntime"), None)
-    if details is None:
-        return []
-    lines = ["", "## ONNX Runtime", "",
-             "`onnx/` holds the encoders exported to ONNX and run with ONNX Runtime (scheme "
-             f"`{details['resolved_scheme']}`); the PyTorch weights in this folder are the unchanged fp32 model. " + (
-                 "Accuracy and speed *after* above are those of the ONNX graphs." if "accuracy" in details or
-                 "speed" in details else ""), "",
-             "| graph | scheme | bytes | int8 linear layers | min cosine vs torch fp32 |", "|---|---|---|---|---|"]
-    for name, g in details["graphs"].items():
-        check = g.get("check") or g["check_fp32"]
-        lines.append(f"| `{g['file']}` | {g['scheme']} | {g['bytes']:,} | {g['quantized_modules']} | "
-                     f"{check['min_cosine']} |")
-    lines += ["", "Evaluate and time them with `vlmcompress eval FOLDER/onnx` and `vlmcompress bench FOLDER --against "
-              "FOLDER/onnx`; `onnx/config.json` lists what every graph takes and returns."]
+def stage_lines(recipe, report: dict) -> list[str]:
+    """What each stage's plug-in says about its result in the card: the `card_lines(details)` of its config class,
+    where it has one (e.g. the ONNX Runtime graphs that `quantize: {backend: onnxruntime}` wrote into `onnx/`)."""
+    lines: list[str] = []
+    for config, stage in zip(recipe.stages, report["stages"]):
+        card = getattr(config, "card_lines", None)
+        if card is not None:
+            lines += card(stage["details"])
     return lines
 
 

@@ -56,7 +56,7 @@ def load_model(
 
 
 def _is_onnx_folder(path: Path) -> bool:
-    from .integrations.onnx import is_onnx_folder  # reads config.json only; onnxruntime is imported on loading
+    from .integrations.onnx_runtime import is_onnx_folder  # reads config.json only; onnxruntime is imported on loading
 
     return is_onnx_folder(path)
 
@@ -66,7 +66,7 @@ def _load_onnx(path: Path, meta: bool) -> tuple[nn.Module, Any]:
     if meta:
         raise ModelLoadError(f"'{path}' holds ONNX graphs, not a PyTorch model; inspect or validate with the "
                              f"checkpoint folder next to it ('{path.parent}')")
-    from .integrations.onnx import load_onnx
+    from .integrations.onnx_runtime import load_onnx
 
     return load_onnx(path), _load_processor(str(path))
 

@@ -24,18 +24,16 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import BackendNotInstalledError
+from . import optional_import
 
 
 def _inc():
     saved = os.environ.get("LOGLEVEL")
     os.environ["LOGLEVEL"] = "ERROR"  # INC's logger reads its level from $LOGLEVEL when first imported
     try:
-        import accelerate  # noqa: F401  (INC imports it lazily and fails mid-quantization without it)
-        import neural_compressor.torch.quantization as inc
-    except ImportError as e:
-        package = "accelerate" if "accelerate" in str(e) else "neural-compressor-pt"
-        raise BackendNotInstalledError(package, "neural_compressor") from None
+        # INC imports accelerate lazily and fails mid-quantization without it: ask for it first
+        optional_import("accelerate", "accelerate", "neural_compressor")
+        inc = optional_import("neural_compressor.torch.quantization", "neural-compressor-pt", "neural_compressor")
     finally:
         if saved is None:
             os.environ.pop("LOGLEVEL", None)

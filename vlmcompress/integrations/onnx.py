@@ -40,13 +40,10 @@ Folder layout (inside the quantize stage's output folder, next to the fp32 check
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import json
-import math
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -57,203 +54,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BackendNotInstalledError, ModelLoadError, UnsupportedModelError, VlmCompressError
+from ..errors import VlmCompressError
 from ..selectors import matches
+from .onnx_graphs import (  # noqa: F401
+    FAMILIES,
+    Graph,
+    ImageEncoder,
+    LlavaImageEncoder,
+    OnnxExportError,
+    TextEncoder,
+    _strip_config,
+    check_exportable,
+    fixed_schedule,
+    graphs_for,
+)
+from .onnx_int8 import Int8Format, initializer_types, int8_format, linear_nodes, quantize_graph, strip_metadata  # noqa: F401
+from .onnx_runtime import (  # noqa: F401
+    FORMAT_VERSION,
+    MARKER,
+    ONNX_DIR,
+    OnnxModel,
+    _versions,
+    is_onnx_folder,
+    load_onnx,
+    require,
+    saturation_warning,
+    session,
+)
 
-ONNX_DIR = "onnx"
-MARKER = "vlmcompress_onnx"
-FORMAT_VERSION = 1
 OPSET = 18
 SCHEMES = ("int8_dynamic", "fp32")
-FAMILIES = ("clip", "siglip", "llava")
 # an fp32 graph must reproduce torch within this (relative to the largest output), or the export is refused
 FP32_TOLERANCE = 1e-4
-
-
-class OnnxExportError(VlmCompressError):
-    """A model (or a part of it) that cannot be exported to a correct ONNX graph."""
-
-
-def require() -> None:
-    """Import the optional packages once, turning a missing one into the one-line install hint."""
-    for module, package in (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")):
-        try:
-            __import__(module)
-        except ImportError:
-            raise BackendNotInstalledError(package, "onnx") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# what is exported
-
-
-def _pooled(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-class ImageEncoder(nn.Module):
-    """`get_image_features` of a dual encoder: `[B, 3, H, W]` pixels → `[B, D]` image embeddings (not normalised)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
-
-
-class TextEncoder(nn.Module):
-    """`get_text_features` of a dual encoder: `[B, L]` token ids and mask → `[B, D]` text embeddings."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-
-
-class LlavaImageEncoder(nn.Module):
-    """LLaVA's image path up to the language model: `[B, 3, H, W]` → `[B, T, D_llm]` projected image features
-    (vision tower at `config.vision_feature_layer`, CLS dropped with the "default" strategy, projector)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # as LlavaModel.get_image_features, written out: its per-image list of features would fix the batch size
-        config = self.model.config
-        hidden = self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-        layers = config.vision_feature_layer
-        picked = [hidden[i] for i in ([layers] if isinstance(layers, int) else layers)]
-        if config.vision_feature_select_strategy == "default":
-            picked = [h[:, 1:] for h in picked]
-        return self.model.model.multi_modal_projector(torch.cat(picked, dim=-1))
-
-
-@dataclass
-class Graph:
-    """One exported graph: the torch module that defines it and how it is described in `onnx/config.json`."""
-
-    name: str  # file stem, e.g. "image_encoder"
-    module: nn.Module
-    example: dict[str, torch.Tensor]  # example inputs, batch 2
-    dynamic: dict[str, dict[int, str]]  # input name → {axis: dimension name}
-    output: str  # name of the single output
-    components: tuple[str, ...]  # adapter components inside the graph (the first is the graph's own)
-    workload: str  # the `vlmcompress bench` workload this graph runs
-    description: str
-    vision: bool = False  # holds the vision tower (token reduction, tokens per layer)
-
-
-def _strip_config(model: nn.Module) -> dict[str, Any]:
-    data = model.config.to_dict()
-    for key in ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path"):
-        data.pop(key, None)
-    return data
-
-
-def graphs_for(model: nn.Module, adapter) -> list[Graph]:
-    """The graphs exported for `model` (see the module docstring)."""
-    family = adapter.family
-    if family not in FAMILIES:
-        raise UnsupportedModelError(
-            f"the onnxruntime backend exports {', '.join(FAMILIES)} models; this one is a {family} model; use "
-            "backend: torch (or torchao, quanto) to quantize it")
-    pixels = adapter.example_inputs(model, batch_size=2, seed=0)["pixel_values"].float()
-    batch = {0: "batch"}
-    if family == "llava":
-        return [Graph("image_encoder", LlavaImageEncoder(model), {"pixel_values": pixels}, {"pixel_values": batch},
-                      "image_features", ("vision", "projector"), "image",
-                      "vision tower (at vision_feature_layer) + multi-modal projector: the image features handed to "
-                      "the language model", vision=True)]
-    text = model.config.text_config
-    length = min(8, text.max_position_embeddings)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, text.vocab_size, (2, length), generator=g)
-    ids[:, -1] = text.eos_token_id if isinstance(text.eos_token_id, int) else ids[:, -1]
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0  # a padded row, so the mask is not constant-folded away
-    sequence = {0: "batch", 1: "sequence"}
-    return [Graph("image_encoder", ImageEncoder(model), {"pixel_values": pixels}, {"pixel_values": batch},
-                  "image_embeds", ("vision",), "image", "get_image_features: vision tower + projection "
-                  "(not L2-normalised)", vision=True),
-            Graph("text_encoder", TextEncoder(model), {"input_ids": ids, "attention_mask": mask},
-                  {"input_ids": sequence, "attention_mask": sequence}, "text_embeds", ("text",), "text",
-                  "get_text_features: text tower + projection (not L2-normalised)")]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# exportability of token reduction
-
-
-def fixed_schedule(algorithm: str | None) -> bool:
-    """Whether a token-reduction algorithm keeps a fixed number of tokens per layer (so it can be exported).
-
-    The algorithm's reducer decides (`data_dependent`, in the modeling code's registry); a checkpoint's block or
-    tower may also say `"data_dependent": true` (see `check_exportable`). Unknown algorithms are not exportable.
-    """
-    from ..modeling import algorithms  # noqa: F401  (registers the built-in reducers)
-    from ..modeling.reduction import REDUCERS
-
-    reducer = REDUCERS.get(algorithm)
-    return reducer is not None and not reducer.data_dependent
-
-
-def _tokens_seen(model: nn.Module, adapter, run) -> list[int]:
-    """Tokens entering the first vision layer, then after each layer, during one call of `run`."""
-    from ..measure.flops import tokens_per_layer
-
-    return tokens_per_layer(model, adapter, run)
-
-
-def check_exportable(model: nn.Module, adapter) -> list[int]:
-    """Refuse token reduction whose token counts depend on the data; returns the vision tokens per layer (or None).
-
-    Three checks: the algorithm must be declared fixed-schedule (`fixed_schedule`; a tower may also say
-    `"data_dependent": true`); only the vision tower may be reduced (the text graphs have a dynamic length); and the
-    tokens per layer measured on two different images (and the recorded schedule, where there is one) must agree.
-    """
-    spec = getattr(model.config, "token_reduction", None) or {}
-    for tower in spec.get("towers", []):
-        algorithm = tower.get("algorithm", spec.get("algorithm"))
-        component = tower.get("component", "vision")
-        if component not in ("vision", "text"):
-            continue  # inside LLaVA's language model (FastV): not part of any exported graph
-        if not fixed_schedule(algorithm) or tower.get("data_dependent") or spec.get("data_dependent"):
-            raise OnnxExportError(
-                f"token reduction '{algorithm}' on the {component} tower chooses how many tokens to keep from the "
-                "data, so an ONNX graph traced on one input would be wrong for others; ONNX export supports "
-                "fixed-schedule token reduction only; export the model before that stage, or quantize with "
-                "backend: torch")
-        if component != "vision":
-            raise OnnxExportError(
-                f"token reduction on the {component} tower depends on the text length, which the exported text "
-                "graph leaves open (dynamic sequence axis); ONNX export supports token reduction in the vision "
-                "tower only; reduce components: [vision], or quantize with backend: torch")
-    config = model.config.vision_config
-    seen = []
-    for seed in (1, 2):
-        g = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(1, config.num_channels, config.image_size, config.image_size, generator=g) * seed
-        with torch.no_grad():
-            seen.append(_tokens_seen(model, adapter, lambda: _vision_forward(model, adapter, pixels)))
-    recorded = None
-    towers = [t for t in spec.get("towers", []) if t.get("component", "vision") == "vision"]
-    if towers and towers[0].get("tokens_per_layer"):
-        recorded = [towers[0]["num_tokens"], *towers[0]["tokens_per_layer"]]
-    if seen[0] != seen[1] or (recorded is not None and seen[0] != recorded):
-        raise OnnxExportError(
-            f"the vision tower's token counts depend on the input (tokens per layer {seen[0]} on one image, {seen[1]} "
-            f"on another{'' if recorded is None else f', schedule {recorded}'}), so an ONNX graph traced on one "
-            "input would be wrong for others; ONNX export needs a fixed token schedule")
-    return seen[0]
-
-
-def _vision_forward(model: nn.Module, adapter, pixels: torch.Tensor):
-    module = LlavaImageEncoder(model) if adapter.family == "llava" else ImageEncoder(model)
-    return module(pixels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,140 +149,6 @@ def _export_failure(name: str, error: BaseException) -> str:
     if where:
         message += f" at {where.removeprefix('File ')}"
     return message + "; set VLMCOMPRESS_DEBUG=1 for the traceback"
-
-
-def _module_of(node, prefix: str = "model.") -> tuple[str | None, str | None]:
-    """`(torch module name, class name)` of the innermost module a node was exported from (exporter metadata)."""
-    meta = {p.key: p.value for p in node.metadata_props}
-    try:
-        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
-    except (ValueError, SyntaxError):
-        return None, None
-    if len(scopes) < 2 or len(classes) < 2:
-        return None, None
-    name = scopes[-2]  # the last entry is the aten op, the one before it the innermost module
-    return (name[len(prefix):] if name.startswith(prefix) else name), classes[-2]
-
-
-def linear_nodes(path: Path) -> dict[str, str]:
-    """`{ONNX node name: torch module name}` of the MatMul nodes that compute an `nn.Linear` with a constant weight:
-    the nodes dynamic quantization may touch (a linear layer on 2-D input is a `Gemm`, which it cannot)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    found = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in constants:
-            continue
-        name, cls = _module_of(node)
-        if name is not None and cls is not None and cls.endswith("torch.nn.modules.linear.Linear"):
-            found[node.name] = name
-    return found
-
-
-@dataclass(frozen=True)
-class Int8Format:
-    """How ONNX Runtime's dynamic int8 is laid out: uint8 activations (quantized per tensor at run time) times int8
-    weights (per output channel), with the weights on 7 bits (`reduce_range`) where the CPU needs it."""
-
-    reduce_range: bool
-    reason: str
-    activations: str = "uint8"
-    weights: str = "int8"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"activations": self.activations, "weights": self.weights, "reduce_range": self.reduce_range,
-                "reason": self.reason}
-
-
-def int8_format(cpu, reduce_range: bool | None = None) -> Int8Format:
-    """The int8 layout that ONNX Runtime computes exactly on `cpu` (a `vlmcompress.cpu.CpuFeatures`).
-
-    On x86 without an int8 dot-product instruction (no AVX-512 VNNI, AVX-VNNI or AMX: AVX2-only and early AVX-512
-    CPUs), ONNX Runtime's u8s8 kernels add two uint8 × int8 products in int16 (`vpmaddubsw`) before widening, and
-    2 × 255 × 127 overflows int16: the sums saturate and the outputs drift (a cosine of 0.94 against torch measured
-    on a tiny LLaVA tower). With 7-bit weights (|w| ≤ 64) every pair sum fits (2 × 255 × 64 < 32768), so the
-    integer arithmetic is exact again, for half a bit of weight precision. With a dot-product instruction, and on
-    Arm (`sdot` / `udot`), products accumulate straight into int32: full 8-bit weights are exact and more precise.
-    The u8u8 layout is exact too, but its AVX2 kernel widens both operands to 16 bits first, so it was not chosen.
-    An explicit `reduce_range` (the recipe's) is kept as given.
-    """
-    if reduce_range is not None:
-        return Int8Format(reduce_range, "set in the recipe")
-    if cpu.x86 and not cpu.int8_dot_product:
-        return Int8Format(True, "x86 without VNNI / AMX: 7-bit weights keep ONNX Runtime's int16 pair sums from "
-                                "saturating")
-    return Int8Format(False, "int8 dot products accumulate in int32 on this CPU: full 8-bit weights are exact")
-
-
-def quantize_graph(source: Path, target: Path, nodes: list[str], reduce_range: bool = False) -> list[str]:
-    """ONNX Runtime dynamic int8 (weights int8 per output channel, on 7 bits with `reduce_range`; activations uint8
-    per tensor at run time) of the given MatMul nodes; returns those that were quantized (each is replaced by integer
-    ops under new names)."""
-    require()
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "Please consider to run pre-processing" (the dynamo exporter already optimised)
-    try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=reduce_range, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
-                         extra_options={"MatMulConstBOnly": True})
-    finally:
-        quiet.setLevel(level)
-    import onnx
-
-    left = {n.name for n in onnx.load(str(target), load_external_data=False).graph.node}
-    return [n for n in nodes if n not in left]
-
-
-def strip_metadata(path: Path, keep: tuple[str, ...] = ("pkg.torch.onnx.name_scopes",)) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces, class hierarchies: half of a small graph's bytes)
-    except the module name scopes, which map every node to the torch module it came from."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        kept = [(p.key, p.value) for p in node.metadata_props if p.key in keep]
-        del node.metadata_props[:]
-        for key, value in kept:
-            node.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
-
-
-def initializer_types(path: Path) -> dict[str, int]:
-    """Number of initializer elements per data type name (e.g. `{"int8": ..., "float32": ...}`)."""
-    import onnx
-    from onnx import helper
-
-    counts: dict[str, int] = {}
-    for init in onnx.load(str(path)).graph.initializer:
-        kind = helper.tensor_dtype_to_np_dtype(init.data_type).name
-        counts[kind] = counts.get(kind, 0) + math.prod(init.dims)
-    return counts
-
-
-def session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session with `threads` intra-op threads (default: torch's thread count)."""
-    require()
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # no busy-waiting between calls: the threads would steal the CPU from whatever runs next (a torch model timed
-    # in the same benchmark round, the evaluation's preprocessing)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _compare(graph: Graph, sess) -> dict[str, float]:
@@ -636,18 +334,6 @@ def _processor_settings(processor: Any, model: nn.Module) -> dict[str, Any]:
     return settings
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("vlmcompress", "torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 def _readme(config: dict[str, Any]) -> str:
     lines = ["# ONNX export (vlmcompress)", "",
              f"Family `{config['family']}`, scheme `{config['scheme']}`. Graphs (dynamic batch):", ""]
@@ -662,119 +348,3 @@ def _readme(config: dict[str, Any]) -> str:
               "    sess = ort.InferenceSession('image_encoder.onnx', providers=['CPUExecutionProvider'])",
               "    embeds = sess.run(None, {'pixel_values': pixel_values})[0]", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# using an exported folder
-
-
-def is_onnx_folder(folder: str | Path) -> bool:
-    """Whether `folder` holds a vlmcompress ONNX export (`config.json` with the `vlmcompress_onnx` marker)."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return MARKER in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
-
-
-CONFIG_CLASSES = {"clip": "CLIPConfig", "siglip": "SiglipConfig", "llava": "LlavaConfig"}
-
-
-class OnnxModel(nn.Module):
-    """An exported folder run by ONNX Runtime behind the methods that vlmcompress's evaluation and benchmark call.
-
-    `get_image_features(pixel_values)` and (dual encoders) `get_text_features(input_ids, attention_mask)` return
-    `torch.Tensor`s as the PyTorch model's do; `config` is the model's transformers config. It holds no torch
-    parameters: everything runs in the ONNX Runtime sessions (`threads` intra-op threads).
-    """
-
-    vlmc_onnx = True
-
-    def __init__(self, folder: Path, spec: dict[str, Any], threads: int | None = None):
-        super().__init__()
-        import transformers
-
-        self.folder = folder
-        self.spec = spec
-        self.vlmc_family = spec["family"]
-        self.config = getattr(transformers, CONFIG_CLASSES[spec["family"]]).from_dict(spec["model_config"])
-        self.threads = threads or torch.get_num_threads()
-        self.sessions = {name: session(folder / g["file"], self.threads) for name, g in spec["graphs"].items()}
-
-    dtype = torch.float32
-    device = torch.device("cpu")
-
-    def _run(self, graph: str, **inputs: torch.Tensor) -> torch.Tensor:
-        feed = {k: v.detach().to("cpu").contiguous().numpy() for k, v in inputs.items()}
-        return torch.from_numpy(self.sessions[graph].run(None, feed)[0])
-
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self._run("image_encoder", pixel_values=pixel_values.float())
-
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          **kwargs) -> torch.Tensor:
-        if "text_encoder" not in self.sessions:
-            raise VlmCompressError(f"'{self.folder}' has no text encoder graph")
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return self._run("text_encoder", input_ids=input_ids.long(), attention_mask=mask.long())
-
-    def generate(self, *args, **kwargs):
-        raise VlmCompressError(
-            f"'{self.folder}' holds only the image encoder of the {self.vlmc_family} model (vision tower + projector) "
-            "as ONNX, not its language model, so it cannot generate; evaluate VQA on the checkpoint folder next to "
-            "it, and time the image encoder with `vlmcompress bench`")
-
-    def forward(self, *args, **kwargs):
-        raise VlmCompressError("call get_image_features / get_text_features on an ONNX Runtime model")
-
-    def bench_static(self) -> dict[str, Any]:
-        """What `vlmcompress bench` reports once per model: sizes, parameters, tokens and GFLOPs per workload."""
-        graphs = self.spec["graphs"].values()
-        files = [self.folder / g["file"] for g in graphs]
-        tokens = next((g.get("tokens_per_layer") for g in graphs if g.get("tokens_per_layer")), None)
-        schemes = sorted({g["scheme"] for g in graphs})
-        return {"class": f"OnnxModel ({', '.join(self.spec['graphs'])})",
-                "dtype": "+".join(schemes),
-                "parameters": sum(sum(g["initializers"].values()) for g in graphs),
-                "size_on_disk_bytes": sum(f.stat().st_size for f in files),
-                "tokens_per_layer": tokens,
-                "runtime": f"onnxruntime {_versions().get('onnxruntime')} CPUExecutionProvider, "
-                           f"intra_op_num_threads={self.threads}, inter_op_num_threads=1, all graph optimizations, "
-                           "no spinning",
-                "gflops": {g["workload"]: g["gflops_per_sample"] for g in graphs}}
-
-
-def load_onnx(folder: str | Path, threads: int | None = None) -> OnnxModel:
-    """Open an exported folder (see `export`) with ONNX Runtime."""
-    folder = Path(folder)
-    if not is_onnx_folder(folder):
-        raise ModelLoadError(f"'{folder}' is not a vlmcompress ONNX folder (no config.json with '{MARKER}')")
-    spec = json.loads((folder / "config.json").read_text())
-    if spec[MARKER] > FORMAT_VERSION:
-        raise ModelLoadError(f"'{folder}' was written by a newer vlmcompress (ONNX format {spec[MARKER]}, this "
-                             f"version reads {FORMAT_VERSION}); upgrade: pip install -U vlmcompress")
-    missing = [g["file"] for g in spec["graphs"].values() if not (folder / g["file"]).is_file()]
-    if missing:
-        raise ModelLoadError(f"'{folder}' lacks {', '.join(missing)}; the export is incomplete, run it again")
-    warning = saturation_warning(spec)
-    if warning:
-        print(f"vlmcompress: {warning}", file=sys.stderr)
-    return OnnxModel(folder, spec, threads)
-
-
-def saturation_warning(spec: dict[str, Any], cpu=None) -> str | None:
-    """One line when an export with full 8-bit weights is run on a CPU whose int8 kernels saturate on them."""
-    from .. import cpu as cpu_facts
-
-    layout = spec.get("int8_format")
-    if not layout or layout.get("reduce_range", True):
-        return None
-    cpu = cpu or cpu_facts.detect(with_torch=False)
-    if not cpu.x86 or cpu.int8_dot_product:
-        return None
-    chosen_for = layout.get("chosen_for", {}).get("label", "unknown")
-    return (f"this ONNX export has full 8-bit int8 weights, chosen for a CPU with VNNI ({chosen_for}); this CPU "
-            f"({cpu.label()} has no VNNI, where ONNX Runtime's int8 sums can saturate and outputs drift: export again on "
-            "this machine or with reduce_range: true in the quantize stage")

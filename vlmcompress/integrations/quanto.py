@@ -12,15 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import BackendNotInstalledError
+from . import optional_import
 
 
 def _quanto():
-    try:
-        import optimum.quanto as quanto
-    except ImportError:
-        raise BackendNotInstalledError("optimum-quanto", "quanto") from None
-    return quanto
+    return optional_import("optimum.quanto", "optimum-quanto", "quanto")
 
 
 def require() -> None:

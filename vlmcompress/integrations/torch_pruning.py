@@ -11,15 +11,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import BackendNotInstalledError
+from . import optional_import
 
 
 def _tp():
-    try:
-        import torch_pruning
-    except ImportError:
-        raise BackendNotInstalledError("torch-pruning", "prune") from None
-    return torch_pruning
+    return optional_import("torch_pruning", "torch-pruning", "prune")
 
 
 def head_channels(heads: Sequence[int], head_dim: int, chunks: int = 1, heads_per_chunk: int = 0) -> list[int]:

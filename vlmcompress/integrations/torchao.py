@@ -15,17 +15,13 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import BackendNotInstalledError
+from . import optional_import
 
 
 def _torchao():
-    try:
-        # the CPU wheel logs failures to load its CUDA-only kernels on import; they are not used here
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        import torchao
-    except ImportError:
-        raise BackendNotInstalledError("torchao", "torchao") from None
-    return torchao
+    # the CPU wheel logs failures to load its CUDA-only kernels on import; they are not used here
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    return optional_import("torchao", "torchao", "torchao")
 
 
 def require() -> None:

@@ -6,8 +6,8 @@ That forward computes attention itself so that it can (1) hand the algorithm the
 (keys and queries of every head, the class token's attention row) without a second projection and without forcing
 eager attention, (2) add proportional attention (`log(size)` as a key bias, compatible with SDPA), and (3) work on
 towers whose heads were pruned. The algorithm is a `Reducer` looked up by name in `REDUCERS`, registered by its own
-file (`tome.py`, `turbo.py`, ...; `algorithms.py` imports them); it runs after the attention residual and before the MLP
-(methods.md §1), or after the MLP (`after_mlp`). A reducer declares what else it needs through hooks, never by name
+file (`tome.py`, `turbo.py`, ...; `algorithms.py` imports them); it runs after the attention residual and before
+the MLP (methods.md §1), or after the MLP (`after_mlp`). A reducer declares what else it needs through hooks, never by name
 here: learned per-layer modules (`setup_layer`), tokens it adds to the sequence for the layer (`enter_layer` /
 `leave_layer`), towers of another kind that it patches itself (`tower_kinds`), or a whole other patching (`patch`).
 

@@ -77,6 +77,28 @@ class OnnxRuntimeConfig(QuantizeConfig):
                                                            if ctx.deployed is not None else
                                                            "; LLaVA's language model is not exported"))}
 
+    def card_lines(self, details: dict[str, Any]) -> list[str]:
+        """The model card's section on the graphs this stage wrote into `onnx/` (from its report details)."""
+        after = ("Accuracy and speed *after* above are those of the ONNX graphs."
+                 if "accuracy" in details or "speed" in details else "")
+        lines = ["", "## ONNX Runtime", "",
+                 "`onnx/` holds the encoders exported to ONNX and run with ONNX Runtime (scheme "
+                 f"`{details['resolved_scheme']}`); the PyTorch weights in this folder are the unchanged fp32 model. "
+                 + after, ""]
+        layout = details.get("int8_format")
+        if layout:
+            lines += [f"int8 weights on {7 if layout['reduce_range'] else 8} bits, chosen for "
+                      f"{layout['chosen_for']['label']}: {layout['reason']}.", ""]
+        lines += ["| graph | scheme | bytes | int8 linear layers | min cosine vs torch fp32 |",
+                  "|---|---|---|---|---|"]
+        for name, g in details["graphs"].items():
+            check = g.get("check") or g["check_fp32"]
+            lines.append(f"| `{g['file']}` | {g['scheme']} | {g['bytes']:,} | {g['quantized_modules']} | "
+                         f"{check['min_cosine']} |")
+        lines += ["", "Evaluate and time them with `vlmcompress eval FOLDER/onnx` and `vlmcompress bench FOLDER "
+                  "--against FOLDER/onnx`; `onnx/config.json` lists what every graph takes and returns."]
+        return lines
+
     def plan(self, model, adapter) -> dict[str, Any]:
         """What would be exported and quantized, from shapes only (`validate`, dry runs).
 
