@@ -145,3 +145,18 @@ def test_extending_md_lists_the_files_this_test_wrote():
     for needle in ("register_algorithm", "register_reducer", "modeling_file", "register_backend",
                    "register_importance", "register_method", "REDUCER ="):
         assert needle in text, needle
+
+
+def test_register_reducer_is_checked_like_register_method():
+    from vlmcompress.modeling import algorithms  # noqa: F401
+    from vlmcompress.modeling.reduction import REDUCERS, Reducer, register_reducer
+
+    tome = REDUCERS["tome"]
+    assert register_reducer(tome) is tome  # the same reducer again (a module reloaded) is fine
+    with pytest.raises(ValueError, match="'tome' is already registered by tome.reduce_tome"):
+        register_reducer(Reducer("tome", lambda layer, x, internals, state, r: x))
+    with pytest.raises(ValueError, match="needs a reduce function or a patch function"):
+        register_reducer(Reducer("nothing"))
+    with pytest.raises(TypeError, match="takes a Reducer"):
+        register_reducer("tome")
+    assert REDUCERS["tome"] is tome

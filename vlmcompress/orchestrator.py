@@ -155,6 +155,7 @@ def apply(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(output or recipe.output)
     stages = build_stages(recipe)
+    given_model = model is not None
     if save:
         check_output(out, overwrite)
     torch.manual_seed(recipe.seed)
@@ -167,6 +168,7 @@ def apply(
     adapter = adapter_for(model)
     for stage in stages:
         stage.check(model, adapter)
+    teacher = _teacher_loader(recipe, model if given_model else None, stages)
 
     ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
                      compression=compression_record(model), processor=processor)
@@ -202,7 +204,7 @@ def apply(
             torch.manual_seed(recipe.seed + i)  # each stage's randomness is independent of where a run resumed
             t0 = time.perf_counter()
             accuracy_in = accuracy_out
-            report = stage.run(ctx)
+            report = _run_stage(stage, ctx, teacher)
             report.seconds = time.perf_counter() - t0
             # measure the model as it is saved: its compressed class (a token-reduced LLaVA shrinks the processor's
             # image placeholders to the tokens its vision tower now hands on)
@@ -238,6 +240,46 @@ def apply(
             shutil.rmtree(work, ignore_errors=True)
     model.vlmcompress_report = report
     return model
+
+
+def _teacher_loader(recipe: Recipe, in_memory: nn.Module | None, stages: list[Stage]):
+    """A loader of the teacher (the source model before the first stage), or None when no stage needs one. The
+    teacher is loaded on first use from `recipe.model`; a model handed to `apply` in memory is copied now instead,
+    since it is modified in place (and only then: recipes without a teacher never hold a second copy)."""
+    if not any(stage.needs_teacher for stage in stages):
+        return None
+    if in_memory is not None:
+        import copy
+
+        frozen = copy.deepcopy(in_memory)
+        return lambda: frozen
+    return lambda: load_model(recipe.model, recipe.dtype, recipe.trust_remote_code)[0]
+
+
+def _run_stage(stage: Stage, ctx: RunContext, teacher) -> StageReport:
+    """Run one stage as its flags say: the teacher reachable only for `needs_teacher`, train mode and gradients
+    for `trains` (eval mode after), and parameter shapes unchanged unless it `changes_architecture`."""
+    shapes = None if stage.changes_architecture else {n: tuple(p.shape) for n, p in ctx.model.named_parameters()}
+    ctx.teacher_loader = teacher if stage.needs_teacher else None
+    try:
+        if stage.trains:
+            ctx.model.train()
+            with torch.enable_grad():
+                report = stage.run(ctx)
+        else:
+            report = stage.run(ctx)
+    finally:
+        ctx.teacher_loader = None
+        if stage.trains:
+            ctx.model.eval()
+    if shapes is not None:
+        after = {n: tuple(p.shape) for n, p in ctx.model.named_parameters()}
+        if after != shapes:
+            changed = sorted(n for n in shapes.keys() | after.keys() if shapes.get(n) != after.get(n))
+            raise StageOrderError(f"stage {stage.config.method} changed parameter shapes ({', '.join(changed[:3])}"
+                                  f"{', ...' if len(changed) > 3 else ''}) but does not declare "
+                                  "changes_architecture = True; its checkpoint would not reload")
+    return report
 
 
 def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_before: int) -> None:

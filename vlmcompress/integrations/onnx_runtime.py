@@ -156,6 +156,9 @@ def saturation_warning(spec: dict[str, Any], cpu=None) -> str | None:
     from .. import cpu as cpu_facts
 
     layout = spec.get("int8_format")
+    if layout is None and spec.get("scheme") == "int8_dynamic":
+        # written before the layout was recorded (ONNX format 1 exports up to 98808e1): always full 8-bit weights
+        layout = {"reduce_range": False, "chosen_for": {"label": "an unrecorded CPU"}}
     if not layout or layout.get("reduce_range", True):
         return None
     cpu = cpu or cpu_facts.detect(with_torch=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,18 +56,56 @@ class RunContext:
     # what users run instead of `model` when a stage produced it (the ONNX Runtime graphs of the onnxruntime
     # backend): accuracy and speed after that stage are measured on it; None: on `model`
     deployed: Any = None
+    # the teacher's loader, set by the orchestrator only while a stage that declares `needs_teacher` runs
+    teacher_loader: Callable[[], Any] | None = None
+    _teacher: Any = field(default=None, repr=False)
+
+    @property
+    def teacher(self):
+        """The source model as it was before the first stage: frozen (eval mode, no gradients), loaded on first
+        access (again after `--resume`), and only for a stage that declares `needs_teacher`."""
+        if self.teacher_loader is None:
+            from ..errors import VlmCompressError
+
+            raise VlmCompressError("a stage asked for the teacher without declaring needs_teacher = True")
+        if self._teacher is None:
+            teacher = self.teacher_loader()
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher = teacher
+        return self._teacher
+
+    def batches(self, split: str, n: int, batch_size: int) -> Iterator[list[dict]]:
+        """`n` rows of the recipe's `data.<split>` (`train` or `eval`), seeded by the run's seed, in batches of
+        `batch_size` rows (`image`, `text`, for shapes also `question` / `answer`): the one way stages read data
+        (calibration, gradients, training)."""
+        from ..data import load_rows
+        from ..errors import VlmCompressError
+
+        source = getattr(self.recipe.data, split, None) if self.recipe.data is not None else None
+        if source is None:
+            raise VlmCompressError(f"this stage reads data.{split}, which the recipe does not have; add e.g. "
+                                   f"data: {{{split}: {{builtin: shapes, split: {split}, size: 256}}}}")
+        rows = load_rows(source, self.model, self.seed, n)
+        for i in range(0, len(rows), batch_size):
+            yield rows[i:i + batch_size]
 
 
 class Stage:
     """A recipe step. Subclasses set the capability flags and implement `plan` and `run`.
 
-    Capability flags drive the orchestrator (ordering, data, saving), never `isinstance` checks:
-    `requires_data` (needs the recipe's `data:`), `trains` (updates weights with gradients),
-    `changes_architecture` (changes parameter shapes or the forward pass), `must_be_last` (nothing may follow).
+    Capability flags drive the orchestrator, never `isinstance` checks; each is read there:
+    `requires_data` (needs the recipe's `data.train`: checked before anything runs; per configuration through
+    `needs_data()`), `trains` (updates weights with gradients: runs in train mode with gradients on, and the model
+    is back in eval mode after), `needs_teacher` (reads `ctx.teacher`, the frozen source model, loaded lazily only
+    then), `changes_architecture` (may change parameter shapes: any other stage that does is an error),
+    `must_be_last` (nothing may follow).
     """
 
     requires_data: ClassVar[bool] = False
     trains: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
     changes_architecture: ClassVar[bool] = False
     must_be_last: ClassVar[bool] = False
 

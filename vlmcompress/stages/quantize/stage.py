@@ -199,10 +199,8 @@ def install(model, spec: dict[str, Any], name: str, scheme_id: str, tensors: dic
 
 def calibration_batches(ctx: RunContext, config: QuantizeConfig) -> Callable[..., None]:
     """A function that runs `model` on `calibration_batches` batches of the recipe's `data.train` (no gradients)."""
-    from ...data import load_rows
-
-    rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed,
-                     config.calibration_batches * config.calibration_batch_size)
+    batches = list(ctx.batches("train", config.calibration_batches * config.calibration_batch_size,
+                               config.calibration_batch_size))
     if ctx.processor is None:
         raise VlmCompressError("calibration needs the model's processor (tokenizer + image processor), and this "
                                "model has none; use a model folder that includes its processor files")
@@ -215,9 +213,9 @@ def calibration_batches(ctx: RunContext, config: QuantizeConfig) -> Callable[...
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for i in range(0, len(rows), config.calibration_batch_size):
+            for rows in batches:
                 try:
-                    ctx.adapter.task_loss(model, ctx.processor, rows[i:i + config.calibration_batch_size])
+                    ctx.adapter.task_loss(model, ctx.processor, rows)
                 except on_batch_error or ():
                     continue
         model.train(was_training)
@@ -275,6 +273,7 @@ class QuantizeStage(Stage):
     """Quantize linear layers (torch dynamic int8, torchao, quanto, neural-compressor, ONNX Runtime)."""
 
     must_be_last = True
+    changes_architecture = True  # linear layers become quantized modules (weights move into integer buffers)
 
     def needs_data(self) -> bool:
         return self.config.needs_data()

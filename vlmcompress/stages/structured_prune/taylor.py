@@ -27,16 +27,14 @@ class TaylorConfig(StructuredPruneConfig):
         """Sum the gradients of the family's task loss over `calibration_batches` batches of `data.train`."""
         import torch
 
-        from ...data import load_rows
-
-        rows = load_rows(ctx.recipe.data.train, ctx.model, ctx.seed,
-                         self.calibration_batches * self.calibration_batch_size)
+        batches = ctx.batches("train", self.calibration_batches * self.calibration_batch_size,
+                              self.calibration_batch_size)
         was_training = ctx.model.training
         ctx.model.zero_grad(set_to_none=True)
         ctx.model.train(False)  # dropout off: the scores should not depend on the random mask
         with torch.enable_grad():
-            for i in range(0, len(rows), self.calibration_batch_size):
-                ctx.adapter.task_loss(ctx.model, ctx.processor, rows[i:i + self.calibration_batch_size]).backward()
+            for rows in batches:
+                ctx.adapter.task_loss(ctx.model, ctx.processor, rows).backward()
         ctx.model.train(was_training)
 
     def element_score(self, p: torch.Tensor) -> torch.Tensor:
