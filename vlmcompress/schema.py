@@ -4,9 +4,10 @@ torch or transformers."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import typing
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 Component = Literal["vision", "text", "qformer", "projector", "llm"]
 COMPONENTS: tuple[str, ...] = ("vision", "text", "qformer", "projector", "llm")
@@ -46,3 +47,61 @@ class UnknownChoiceError(ValueError):
     def __init__(self, key: str, given: Any, allowed: list[str]):
         self.key, self.given, self.allowed = key, given, allowed
         super().__init__(f"{key}: {given!r} is not one of {', '.join(allowed)}")
+
+
+class PluggableStageConfig(StageConfig):
+    """A method whose recipe key `choice_key` (`algorithm:`, `importance:`, `backend:`) picks one of the registered
+    subclasses in `registry` (`choice_default` when absent): the discriminated union that keeps recipes as they are.
+    Each method's base class sets the three class attributes; `register_choice` adds a plug-in."""
+
+    choice_key: ClassVar[str] = ""
+    choice_default: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[StageConfig]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_other_choices(cls, data: Any) -> Any:
+        """A key that another registered choice has, given with this one: one line naming where it belongs."""
+        if not isinstance(data, dict) or cls.registry.get(data.get(cls.choice_key, cls.choice_default)) is not cls:
+            return data
+        foreign = {k: [n for n, other in cls.registry.items() if k in other.model_fields] for k in data
+                   if k not in cls.model_fields}
+        foreign = {k: owners for k, owners in foreign.items() if owners}
+        if foreign:
+            raise ValueError(cls.foreign_keys_message(data, foreign))
+        return data
+
+    @classmethod
+    def foreign_keys_message(cls, data: dict[str, Any], foreign: dict[str, list[str]]) -> str:
+        """The error for keys of other choices (`{key: the choices that have it}`) given with this one."""
+        chosen = data.get(cls.choice_key, cls.choice_default)
+        return f"{', '.join(foreign)} do not apply to {cls.choice_key}: {chosen}"
+
+    @classmethod
+    def config_class(cls, data: Any) -> type[StageConfig]:
+        name = data.get(cls.choice_key, cls.choice_default) if isinstance(data, dict) else cls.choice_default
+        if name not in cls.registry:
+            raise UnknownChoiceError(cls.choice_key, name, list(cls.registry))
+        return cls.registry[name]
+
+    @classmethod
+    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
+        return cls.choice_key, dict(cls.registry)
+
+    @classmethod
+    def register_choice(cls, config_cls: type, what: str) -> str:
+        """Check and register a plug-in class: a subclass of `cls` whose `choice_key` field is a one-value
+        `Literal`, under a name not taken by another class. Returns the name. `what` names the kind in errors."""
+        from .errors import VlmCompressError
+
+        if not (isinstance(config_cls, type) and issubclass(config_cls, cls)):
+            raise VlmCompressError(f"a {what} is registered as a {cls.__name__} subclass, got {config_cls!r}")
+        names = typing.get_args(config_cls.model_fields[cls.choice_key].annotation)
+        if len(names) != 1:
+            raise VlmCompressError(f"{config_cls.__name__}.{cls.choice_key} must be a Literal of one name, e.g. "
+                                   f"{cls.choice_key}: Literal['mine'] = 'mine'")
+        known = cls.registry.get(names[0])
+        if known is not None and known.__qualname__ != config_cls.__qualname__:
+            raise VlmCompressError(f"{what} {names[0]!r} is already registered by {known.__name__}")
+        cls.registry[names[0]] = config_cls
+        return names[0]

@@ -9,9 +9,10 @@ none of them. Adding one: docs/extending.md.
 from ...registry import register_method
 
 # each registers itself; the order is the one error messages and docs list them in (the default first)
-from . import torch_dynamic, torchao, quanto, neural_compressor, onnxruntime  # noqa: F401, I001
-from .stage import (BACKENDS, QuantizeConfig, QuantizeStage, backend_schemes, register_backend,  # noqa: F401
-                    resolve_scheme)
+# isort: off
+from . import torch_dynamic, torchao, quanto, neural_compressor, onnxruntime  # noqa: F401
+# isort: on
+from .stage import BACKENDS, QuantizeConfig, QuantizeStage, backend_schemes, register_backend, resolve_scheme  # noqa: F401
 
 register_method("quantize", QuantizeConfig, QuantizeStage)
 

@@ -16,21 +16,21 @@ its CPU speed (`cpu_speed`), and its `quantize(ctx)`; registered by `register_ba
 from __future__ import annotations
 
 import importlib
-import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from ...errors import VlmCompressError
+from ...schema import PluggableStageConfig
 from ...selectors import check_selectors, matches
-from ..base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, UnknownChoiceError, count_params
+from ..base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, count_params
 
 Scheme = Literal["int8", "int8_dynamic", "int8_weight_only", "int4_weight_only", "int8_static", "fp32"]
 BACKENDS: dict[str, type[QuantizeConfig]] = {}
 
 
-class QuantizeConfig(StageConfig):
+class QuantizeConfig(PluggableStageConfig):
     """Quantize the linear layers of the chosen components; must be the last stage."""
 
     method: Literal["quantize"]
@@ -57,23 +57,15 @@ class QuantizeConfig(StageConfig):
     compiled_cpu_speed: ClassVar[dict[str, str]] = {}  # the same, when `compile` applies
     package: ClassVar[str | None] = None  # its integration module (`vlmcompress.integrations.<name>`), if any
 
-    @classmethod
-    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
-        return "backend", dict(BACKENDS)
+    choice_key: ClassVar[str] = "backend"
+    choice_default: ClassVar[str] = "torch"
+    registry: ClassVar[dict[str, type[StageConfig]]] = BACKENDS
 
     @classmethod
-    def config_class(cls, data: Any) -> type[QuantizeConfig]:
-        """The registered class for `data["backend"]` (`torch` when absent)."""
-        name = data.get("backend", "torch") if isinstance(data, dict) else "torch"
-        if name not in BACKENDS:
-            raise UnknownChoiceError("backend", name, list(BACKENDS))
-        return BACKENDS[name]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _knobs_of_other_backends(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or cls is QuantizeConfig:
-            return data
+    def foreign_keys_message(cls, data: dict[str, Any], foreign: dict[str, list[str]]) -> str:
+        key, owners = next(iter(foreign.items()))
+        wanted = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} or {owners[-1]}"
+        return f"{key}: {data[key]} needs backend: {wanted} (got backend: {data.get('backend', 'torch')})"
         for key, value in data.items():
             owners = [name for name, other in BACKENDS.items() if key in other.model_fields]
             if key not in cls.model_fields and owners:
@@ -118,15 +110,9 @@ class QuantizeConfig(StageConfig):
 def register_backend(config_cls: type[QuantizeConfig]) -> type[QuantizeConfig]:
     """Register a quantize backend (a `QuantizeConfig` subclass whose `backend` is a one-value `Literal`, with at
     least one scheme); a name is taken once. Usable as a decorator."""
-    if not (isinstance(config_cls, type) and issubclass(config_cls, QuantizeConfig)):
-        raise VlmCompressError(f"register_backend takes a QuantizeConfig subclass, got {config_cls!r}")
-    names = typing.get_args(config_cls.model_fields["backend"].annotation)
-    if len(names) != 1 or not config_cls.schemes:
-        raise VlmCompressError(f"{config_cls.__name__} needs backend: Literal['name'] and at least one scheme")
-    known = BACKENDS.get(names[0])
-    if known is not None and known.__qualname__ != config_cls.__qualname__:
-        raise VlmCompressError(f"quantize backend {names[0]!r} is already registered by {known.__name__}")
-    BACKENDS[names[0]] = config_cls
+    if isinstance(config_cls, type) and not getattr(config_cls, "schemes", ()):
+        raise VlmCompressError(f"{config_cls.__name__} needs at least one scheme (schemes = (...))")
+    QuantizeConfig.register_choice(config_cls, "quantize backend")
     return config_cls
 
 

@@ -8,9 +8,17 @@ docs/extending.md.
 from ...registry import register_method
 
 # each registers itself; the order is the one error messages and docs list them in (the default first)
-from . import magnitude, taylor  # noqa: F401, I001
-from .stage import (IMPORTANCES, StructuredPruneConfig, StructuredPruneStage, head_importance,  # noqa: F401
-                    neuron_importance, register_importance)
+# isort: off
+from . import magnitude, taylor  # noqa: F401
+# isort: on
+from .stage import (  # noqa: F401
+    IMPORTANCES,
+    StructuredPruneConfig,
+    StructuredPruneStage,
+    head_importance,
+    neuron_importance,
+    register_importance,
+)
 
 register_method("structured_prune", StructuredPruneConfig, StructuredPruneStage)
 

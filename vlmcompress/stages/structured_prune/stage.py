@@ -12,13 +12,14 @@ attention is pruned a key/value group at a time.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from ...errors import VlmCompressError
+from ...schema import PluggableStageConfig
 from ...selectors import check_selectors, matches
-from ..base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, UnknownChoiceError, count_params
+from ..base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, count_params
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -26,7 +27,7 @@ Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
 IMPORTANCES: dict[str, type[StructuredPruneConfig]] = {}
 
 
-class StructuredPruneConfig(StageConfig):
+class StructuredPruneConfig(PluggableStageConfig):
     """Remove a fraction of attention heads and MLP neurons by importance."""
 
     method: Literal["structured_prune"]
@@ -42,17 +43,9 @@ class StructuredPruneConfig(StageConfig):
     ignore: list[str] = Field([], description="module names (exact or 're:' regex) left untouched")
     global_ranking: bool = Field(True, description="rank across the layers of a component (non-uniform widths)")
 
-    @classmethod
-    def config_class(cls, data: Any) -> type[StructuredPruneConfig]:
-        """The registered class for `data["importance"]` (`magnitude` when absent)."""
-        name = data.get("importance", "magnitude") if isinstance(data, dict) else "magnitude"
-        if name not in IMPORTANCES:
-            raise UnknownChoiceError("importance", name, list(IMPORTANCES))
-        return IMPORTANCES[name]
-
-    @classmethod
-    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
-        return "importance", dict(IMPORTANCES)
+    choice_key: ClassVar[str] = "importance"
+    choice_default: ClassVar[str] = "magnitude"
+    registry: ClassVar[dict[str, type[StageConfig]]] = IMPORTANCES
 
     def needs_data(self) -> bool:
         """Whether this importance reads the recipe's data.train."""
@@ -69,17 +62,7 @@ class StructuredPruneConfig(StageConfig):
 def register_importance(config_cls: type[StructuredPruneConfig]) -> type[StructuredPruneConfig]:
     """Register a pruning importance (a `StructuredPruneConfig` subclass whose `importance` is a one-value
     `Literal`); a name is taken once. Usable as a decorator."""
-    import typing
-
-    if not (isinstance(config_cls, type) and issubclass(config_cls, StructuredPruneConfig)):
-        raise VlmCompressError(f"register_importance takes a StructuredPruneConfig subclass, got {config_cls!r}")
-    names = typing.get_args(config_cls.model_fields["importance"].annotation)
-    if len(names) != 1:
-        raise VlmCompressError(f"{config_cls.__name__}.importance must be a Literal of one name")
-    known = IMPORTANCES.get(names[0])
-    if known is not None and known.__qualname__ != config_cls.__qualname__:
-        raise VlmCompressError(f"pruning importance {names[0]!r} is already registered by {known.__name__}")
-    IMPORTANCES[names[0]] = config_cls
+    StructuredPruneConfig.register_choice(config_cls, "pruning importance")
     return config_cls
 
 

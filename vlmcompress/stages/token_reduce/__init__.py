@@ -7,8 +7,11 @@ The runtime half of each is `vlmcompress/modeling/<algorithm>.py`. Adding one: d
 """
 
 from ...registry import register_method
+
 # each registers itself; the order is the one error messages and docs list them in (the default first)
-from . import tome, turbo, crossget, fastv, visionzip, prumerge  # noqa: F401, I001
+# isort: off
+from . import tome, turbo, crossget, fastv, visionzip, prumerge  # noqa: F401
+# isort: on
 from .stage import ALGORITHMS, TokenReduceConfig, TokenReduceStage, register_algorithm
 
 register_method("token_reduce", TokenReduceConfig, TokenReduceStage)

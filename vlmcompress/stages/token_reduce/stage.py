@@ -15,17 +15,18 @@ import importlib
 import typing
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_serializer
 
 from ...errors import VlmCompressError
-from ..base import RunContext, Stage, StageConfig, StageReport, UnknownChoiceError, count_params
+from ...schema import PluggableStageConfig
+from ..base import RunContext, Stage, StageConfig, StageReport, count_params
 
 NonNegInt = Annotated[int, Field(ge=0)]
 
 ALGORITHMS: dict[str, type[TokenReduceConfig]] = {}
 
 
-class TokenReduceConfig(StageConfig):
+class TokenReduceConfig(PluggableStageConfig):
     """Reduce the number of tokens inside a tower's layers."""
 
     method: Literal["token_reduce"]
@@ -50,28 +51,9 @@ class TokenReduceConfig(StageConfig):
     modeling_module: ClassVar[str] = ""
     modeling_file: ClassVar[str | None] = None
 
-    @classmethod
-    def choices(cls) -> tuple[str, dict[str, type[StageConfig]]]:
-        return "algorithm", dict(ALGORITHMS)
-
-    @classmethod
-    def config_class(cls, data: Any) -> type[TokenReduceConfig]:
-        """The registered class for `data["algorithm"]` (`tome` when absent)."""
-        name = data.get("algorithm", "tome") if isinstance(data, dict) else "tome"
-        if name not in ALGORITHMS:
-            raise UnknownChoiceError("algorithm", name, list(ALGORITHMS))
-        return ALGORITHMS[name]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _knobs_of_other_algorithms(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or cls is TokenReduceConfig:
-            return data
-        theirs = [k for k in data if k not in cls.model_fields and any(k in other.model_fields for other in
-                                                                        ALGORITHMS.values())]
-        if theirs:
-            raise ValueError(f"{', '.join(theirs)} do not apply to algorithm: {data.get('algorithm', 'tome')}")
-        return data
+    choice_key: ClassVar[str] = "algorithm"
+    choice_default: ClassVar[str] = "tome"
+    registry: ClassVar[dict[str, type[StageConfig]]] = ALGORITHMS
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
@@ -117,20 +99,11 @@ def register_algorithm(config_cls: type[TokenReduceConfig]) -> type[TokenReduceC
     taken once, and the runtime must register a reducer of that name (a plug-in's `modeling_file` is loaded now; a
     built-in module when the algorithm is first used, so that listing methods needs no torch). Usable as a
     decorator."""
-    if not (isinstance(config_cls, type) and issubclass(config_cls, TokenReduceConfig)):
-        raise VlmCompressError(f"register_algorithm takes a TokenReduceConfig subclass, got {config_cls!r}")
-    names = typing.get_args(config_cls.model_fields["algorithm"].annotation)
-    if len(names) != 1:
-        raise VlmCompressError(f"{config_cls.__name__}.algorithm must be a Literal of one name, e.g. "
-                               "algorithm: Literal['mine'] = 'mine'")
-    if bool(config_cls.modeling_module) == bool(config_cls.modeling_file):
+    if isinstance(config_cls, type) and bool(getattr(config_cls, "modeling_module", "")) == bool(
+            getattr(config_cls, "modeling_file", None)):
         raise VlmCompressError(f"{config_cls.__name__} needs exactly one of modeling_module (a dotted module) and "
                                "modeling_file (a path): where its reducer is")
-    name = names[0]
-    known = ALGORITHMS.get(name)
-    if known is not None and known.__qualname__ != config_cls.__qualname__:
-        raise VlmCompressError(f"token-reduction algorithm {name!r} is already registered by {known.__name__}")
-    ALGORITHMS[name] = config_cls
+    TokenReduceConfig.register_choice(config_cls, "token-reduction algorithm")
     if config_cls.modeling_file:
         load_runtime(config_cls)
     return config_cls
