@@ -41,3 +41,7 @@ $PY benchmarks/bench_quantize.py --part accuracy --only "torchao int4" --size 10
     --json $R/quantize_shapes_torchao_int4.json
 timed $PY benchmarks/bench_onnx.py --rounds 5 --threads 1 --json $R/onnx_runtime_1thread.json
 timed $PY benchmarks/bench_onnx.py --rounds 5 --threads 2 --accuracy --json $R/onnx_runtime_2threads.json
+
+# int8 layout by CPU (ONNX Runtime under an emulated AVX2 CPU: needs apt-get install qemu-user) and CLI cold start
+$PY benchmarks/bench_onnx_int8_layout.py --size 1000 --json $R/onnx_int8_layout.json
+timed $PY benchmarks/bench_cli_import.py --json $R/cli_import.json
