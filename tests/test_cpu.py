@@ -43,3 +43,17 @@ def test_detect_names_this_machine():
     here = detect()
     assert here.capability and here.model and set(here.flags) <= set(here.to_dict()["flags"])
     assert here.to_dict()["label"].startswith(here.capability)
+
+
+def test_flags_come_from_cpuid_where_torch_can_ask():
+    """The kernels (ONNX Runtime, oneDNN) dispatch on cpuid, which can disagree with /proc/cpuinfo (qemu-user shows
+    the host's); with torch the flags are cpuid's."""
+    import torch
+
+    here = detect()
+    found = torch.cpu.get_capabilities()
+    if str(found.get("architecture", "")).startswith("x86"):
+        assert here.source == "cpuid"
+        assert ("avx512_vnni" in here.flags) == bool(found["avx512_vnni"])
+        assert ("avx2" in here.flags) == bool(found["avx2"])
+    assert detect(with_torch=False).source == "/proc/cpuinfo"

@@ -1,8 +1,11 @@
 """What the CPU can do, as far as int8 kernels care: the instruction-set facts every speed figure and every
 CPU-dependent choice (ONNX Runtime's int8 format, later the `int8` scheme's path) is made from.
 
-Pure functions of `/proc/cpuinfo`'s flags and torch's dispatch capability; torch is imported only inside the
-functions that read it, so the CLI can describe the machine without paying for it where it does not need to.
+The flags come from `cpuid` where torch can ask it (`torch.cpu.get_capabilities()`, through the cpuinfo library):
+that is what ONNX Runtime, oneDNN and MKL dispatch on. `/proc/cpuinfo` is the fallback without torch, and can
+differ: under an emulator (qemu-user reports the emulated CPU to `cpuid` but shows the host's /proc/cpuinfo) or
+where a hypervisor hides features from one and not the other. torch is imported only inside the functions that
+read it, so the CLI can describe the machine without paying for it where it does not need to.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from typing import Any
 # Arm: NEON and the dot-product extensions)
 FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
                      "amx_bf16", "asimd", "asimddp", "i8mm")
+# torch.cpu.get_capabilities() names (x86) → the /proc/cpuinfo names used here
+TORCH_NAMES = {"avx2": "avx2", "fma3": "fma", "avx512_f": "avx512f", "avx512_bw": "avx512bw",
+               "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "avx512_bf16": "avx512_bf16",
+               "amx_int8": "amx_int8", "amx_bf16": "amx_bf16"}
 
 
 @dataclass(frozen=True)
@@ -29,12 +36,14 @@ class CpuFeatures:
         capability: `torch.backends.cpu.get_cpu_capability()` (`AVX2`, `AVX512`, `DEFAULT`, ...), or None when it
             was not asked.
         flags: those of `FLAGS_THAT_MATTER` the CPU has, sorted.
+        source: where the flags were read (`cpuid` or `/proc/cpuinfo`).
     """
 
     arch: str
     model: str
     capability: str | None
     flags: tuple[str, ...]
+    source: str = "/proc/cpuinfo"
 
     @property
     def x86(self) -> bool:
@@ -70,20 +79,27 @@ def parse_cpuinfo(text: str) -> tuple[str | None, set[str]]:
 
 
 def detect(with_torch: bool = True) -> CpuFeatures:
-    """The CPU this process runs on (torch's capability included unless `with_torch` is false)."""
+    """The CPU this process runs on: with torch (the default), its dispatch capability and the x86 flags from
+    `cpuid`; without, the flags of /proc/cpuinfo."""
     text = ""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: the model name from platform, no flags
         pass
     model, flags = parse_cpuinfo(text)
-    capability = None
+    flags &= set(FLAGS_THAT_MATTER)
+    capability, source = None, "/proc/cpuinfo"
     if with_torch:
         import torch
 
         capability = torch.backends.cpu.get_cpu_capability()
+        get_capabilities = getattr(getattr(torch, "cpu", None), "get_capabilities", None)  # torch >= 2.10
+        found = get_capabilities() if get_capabilities is not None else {}
+        if str(found.get("architecture", "")).startswith("x86"):
+            flags = {ours for theirs, ours in TORCH_NAMES.items() if found.get(theirs) is True}
+            source = "cpuid"
     return CpuFeatures(arch=platform.machine(), model=model or platform.processor() or platform.machine(),
-                       capability=capability, flags=tuple(sorted(set(FLAGS_THAT_MATTER) & flags)))
+                       capability=capability, flags=tuple(sorted(flags)), source=source)
 
 
 def torch_cpu_facts() -> dict[str, Any]:

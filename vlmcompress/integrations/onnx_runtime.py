@@ -161,7 +161,7 @@ def saturation_warning(spec: dict[str, Any], cpu=None) -> str | None:
         layout = {"reduce_range": False, "chosen_for": {"label": "an unrecorded CPU"}}
     if not layout or layout.get("reduce_range", True):
         return None
-    cpu = cpu or cpu_facts.detect(with_torch=False)
+    cpu = cpu or cpu_facts.detect()  # cpuid: what ONNX Runtime's kernels dispatch on
     if not cpu.x86 or cpu.int8_dot_product:
         return None
     chosen_for = layout.get("chosen_for", {}).get("label", "unknown")

@@ -117,7 +117,7 @@ class OnnxRuntimeConfig(QuantizeConfig):
         scheme = resolve_scheme(self.backend, self.scheme)
         overrides = {c: resolve_scheme(self.backend, s) for c, s in self.overrides.items()}
         components = adapter.components(model)
-        layout = int8_format(cpu_facts.detect(with_torch=False), self.reduce_range)
+        layout = int8_format(cpu_facts.detect(), self.reduce_range)
         plan: dict[str, Any] = {"backend": "onnxruntime", "scheme": scheme, "graphs": {}, "int8 linear layers": {},
                                 "int8 weights": f"{7 if layout.reduce_range else 8} bits ({layout.reason})"}
         for name, owned in GRAPHS[family].items():
