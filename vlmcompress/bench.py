@@ -60,32 +60,37 @@ strings given (a second, equal name gets " #2" appended). Batch sizes are JSON o
 
 from __future__ import annotations
 
-import math
 import statistics
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark as torch_benchmark
 
 from .adapters import ModelAdapter, adapter_for
 from .errors import ModelLoadError, UnsupportedModelError, VlmCompressError
 from .measure.flops import count_gflops, tokens_per_layer
+from .measure.latency import (
+    MIN_MEASUREMENT_S,
+    WARMUP_CALLS,
+    calls_per_measurement,
+    interleaved_ms,
+    measure_ms,
+    sig,
+    timing_row,
+)
 from .measure.machine import machine_info
 from .measure.memory import memory_method, peak_memory_mb
 from .measure.workloads import DECODE_STEPS, EXPORT_WORKLOADS, TEXT_TOKENS, WORKLOADS, Workload, is_export, prompt_ids
 from .models import builtin_names, load_model
+from .progress import Progress
 from .stages.base import count_params
 
 __all__ = ["DECODE_STEPS", "EXPORT_WORKLOADS", "TEXT_TOKENS", "WORKLOADS", "Workload", "benchmark", "count_gflops",
            "is_export", "machine_info", "memory_method", "parse_batch_sizes", "peak_memory_mb", "prompt_ids",
            "quick_speed", "tokens_per_layer"]
 
-WARMUP_CALLS = 2
-MIN_MEASUREMENT_S = 0.02  # a measurement repeats the call until it lasts about this long (tiny models)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,48 +151,6 @@ def size_on_disk(folder: Path | None) -> int | None:
 # the benchmark
 
 
-class _Progress:
-    """A rich progress bar on stderr (nothing at all when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self.task = self.bar.add_task("bench", total=total)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def set_total(self, total: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, total=total)
-
-    def step(self, description: str, advance: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=description, advance=advance)
-
-
-def _calls_per_measurement(fn: Callable[[], Any], device: torch.device) -> int:
-    """Run the warm-up calls; the last one's duration sets how many calls one measurement averages."""
-    for _ in range(WARMUP_CALLS):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    return max(1, math.ceil(MIN_MEASUREMENT_S / max(seconds, 1e-6)))
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -242,15 +205,15 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
     machine = machine_info(device)  # before loading: the load average is the one the run starts with
     sources = [("model", model_or_dir)] + ([("against", against)] if against is not None else [])
     loaded: dict[str, dict[str, Any]] = {}
-    with _Progress(progress, total=len(sources)) as bar:
+    with Progress("bench", total=len(sources), enabled=progress, transient=True) as bar:
         for role, source in sources:
-            bar.step(f"loading {source}", advance=0)
+            bar.update(description=f"loading {source}")
             model, folder = load_for_bench(source)
             name = source if source not in loaded else f"{source} #2"
             loaded[name] = {"role": role, "source": source, "folder": folder,
                             "model": model.to(device).eval().requires_grad_(False),
                             "adapter": adapter_for(model)}
-            bar.step(f"loaded {source}")
+            bar.update(advance=1, description=f"loaded {source}")
         entries = list(loaded.values())
         families = [e["adapter"].family for e in entries]
         if len(set(families)) > 1:
@@ -263,28 +226,22 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
                 raise VlmCompressError("ONNX exports run on CPU with ONNX Runtime here; use --device cpu")
             workloads = EXPORT_WORKLOADS[families[0]]
         cells = [(w, bs) for w in workloads for bs in (sizes if w.batched else [1])]
-        bar.set_total(len(sources) + len(workloads) * len(entries) + len(cells) * (repeats + 2 * len(entries)))
+        bar.update(total=len(sources) + len(workloads) * len(entries) + len(cells) * (repeats + 2 * len(entries)))
 
         results = {name: _static(e, workloads, device, bar) for name, e in loaded.items()}
         for w, bs in cells:
+            cells_ms = {}
             for name, e in loaded.items():  # build inputs and warm up every model before any is timed
-                bar.step(f"{w.key} bs{bs}: warm-up {name}")
+                bar.update(advance=1, description=f"{w.key} bs{bs}: warm-up {name}")
                 fn = w.build(e["model"], e["adapter"], bs, device)
-                e["cell"] = (fn, _calls_per_measurement(fn, device))
-            times: dict[str, list[float]] = {name: [] for name in loaded}
-            order = list(loaded)
-            for r in range(repeats):
-                bar.step(f"{w.key} bs{bs}: round {r + 1}/{repeats}")
-                for name in order[r % len(order):] + order[: r % len(order)]:
-                    fn, calls = loaded[name]["cell"]
-                    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                                  num_threads=torch.get_num_threads())
-                    times[name].append(timer.timeit(calls).mean * 1e3)
-            for name, e in loaded.items():
-                bar.step(f"{w.key} bs{bs}: memory {name}")
-                fn, calls = e.pop("cell")
-                results[name]["workloads"][w.key]["batch_sizes"][str(bs)] = _timing(
-                    times[name], calls, bs, w, peak_memory_mb(fn, device))
+                cells_ms[name] = (fn, calls_per_measurement(fn, device))
+            times = interleaved_ms(cells_ms, repeats, on_round=lambda r: bar.update(
+                advance=1, description=f"{w.key} bs{bs}: round {r + 1}/{repeats}"))
+            for name, (fn, calls) in cells_ms.items():
+                bar.update(advance=1, description=f"{w.key} bs{bs}: memory {name}")
+                results[name]["workloads"][w.key]["batch_sizes"][str(bs)] = timing_row(
+                    times[name], calls, bs, peak_memory_mb(fn, device),
+                    decode_steps=DECODE_STEPS if w.key == "decode" else None)
     names = list(loaded)
     what = _what(workloads, repeats, device)
     if any(is_export(e["model"]) for e in entries):
@@ -297,7 +254,7 @@ def _run(model_or_dir, against, sizes, repeats, progress, device) -> dict[str, A
             "ratios": _ratios(names[0], names[1], results) if len(names) == 2 else None}
 
 
-def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: _Progress) -> dict[str, Any]:
+def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: Progress) -> dict[str, Any]:
     """Everything measured once per model: parameters, size, tokens per layer, GFLOPs per sample."""
     model, adapter = entry["model"], entry["adapter"]
     if is_export(model):
@@ -311,26 +268,12 @@ def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: _
            "size_on_disk_bytes": size_on_disk(entry["folder"]),
            "tokens_per_layer": None, "workloads": {}}
     for w in workloads:
-        bar.step(f"{w.key}: counting FLOPs of {entry['source']}")
+        bar.update(advance=1, description=f"{w.key}: counting FLOPs of {entry['source']}")
         fn = w.build(model, adapter, 1, device)
         if w.vision and out["tokens_per_layer"] is None:
             out["tokens_per_layer"] = tokens_per_layer(model, adapter, fn)
-        out["workloads"][w.key] = {"gflops_per_sample": _sig(count_gflops(fn)), "batch_sizes": {}}
+        out["workloads"][w.key] = {"gflops_per_sample": sig(count_gflops(fn)), "batch_sizes": {}}
     return out
-
-
-def _sig(x: float, digits: int = 6) -> float:
-    return float(f"{x:.{digits}g}")
-
-
-def _timing(ms: list[float], calls: int, batch_size: int, w: Workload, memory: float | None) -> dict[str, Any]:
-    median = statistics.median(ms)
-    row = {"ms_min": _sig(min(ms)), "ms_median": _sig(median), "ms_all": [_sig(t) for t in ms],
-           "calls_per_measurement": calls, "samples_per_s": _sig(batch_size * 1e3 / median), "peak_memory_mb": memory}
-    if w.key == "decode":
-        row["ms_per_token"] = _sig(median / DECODE_STEPS)
-        row["tokens_per_s"] = _sig(batch_size * DECODE_STEPS * 1e3 / median)
-    return row
 
 
 def _ratios(base: str, other: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -382,8 +325,7 @@ def quick_speed(model: nn.Module, adapter: ModelAdapter, batch_size: int = 8, re
     workload = WORKLOADS[adapter.family][0]
     fn = workload.build(model, adapter, batch_size, device)
     gflops = model.bench_static()["gflops"][workload.key] if is_export(model) else count_gflops(fn) / batch_size
-    calls = _calls_per_measurement(fn, device)
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    ms = [timer.timeit(calls).mean * 1e3 for _ in range(repeats)]
+    calls = calls_per_measurement(fn, device)
+    ms = [measure_ms(fn, calls) for _ in range(repeats)]
     return {"workload": workload.key, "batch_size": batch_size, "ms_median": round(statistics.median(ms), 3),
             "ms_min": round(min(ms), 3), "gflops_per_sample": round(gflops, 6), "threads": torch.get_num_threads()}

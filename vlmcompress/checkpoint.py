@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .modeling import configuration_vlmcompress as cfg_mod
 from .modeling import modeling_vlmcompress as model_mod
+from .modeling.spec import FORMAT_VERSION, CheckpointRecord, QuantizationSpec, TokenReductionSpec, token_reduction
 from .versions import library_versions  # noqa: F401  (part of this module's interface)
 
 MODELING_DIR = Path(__file__).parent / "modeling"
@@ -97,11 +97,14 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
     data = model.config.to_dict()
     for key in ("model_type", "auto_map", "architectures", "transformers_version"):
         data.pop(key, None)
-    data["vlmcompress"] = {"format_version": cfg_mod.FORMAT_VERSION, "base_model": base_model,
-                           "param_shapes": compression["param_shapes"], "module_attrs": compression["module_attrs"],
-                           **per_layer_summary(adapter, model), "versions": library_versions()}
-    data["token_reduction"] = compression.get("token_reduction")
-    data["quantization"] = compression.get("quantization")
+    record = CheckpointRecord(format_version=FORMAT_VERSION, base_model=base_model,
+                              param_shapes=compression["param_shapes"], module_attrs=compression["module_attrs"],
+                              **per_layer_summary(adapter, model), versions=library_versions())
+    data["vlmcompress"] = record.to_dict()
+    reduction = TokenReductionSpec.read(compression.get("token_reduction"))
+    quantization = QuantizationSpec.read(compression.get("quantization"))
+    data["token_reduction"] = None if reduction is None else reduction.to_dict()
+    data["quantization"] = None if quantization is None else quantization.to_dict()
     config = config_cls.from_dict(data)
     config.architectures = [model_cls.__name__]
     config.auto_map = {"AutoConfig": f"configuration_vlmcompress.{config_cls.__name__}"}
@@ -138,7 +141,8 @@ def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | 
     """
     folder = Path(folder)
     model.save_pretrained(folder, max_shard_size="2GB")
-    algorithm = (getattr(model.config, "token_reduction", None) or {}).get("algorithm")
+    reduction = token_reduction(model.config)
+    algorithm = None if reduction is None else reduction.algorithm
     for name, text in modeling_files(algorithm).items():
         (folder / name).write_text(text)
     if processor is not None:

@@ -158,23 +158,24 @@ def inspect(
     from .checkpoint import per_layer_summary
     from .modeling import algorithms  # noqa: F401  (what each algorithm's towers count)
     from .modeling.reduction import counted_tokens
+    from .modeling.spec import token_reduction
     from .models import load_model
     from .stages.base import count_params
 
     m, _ = load_model(model, meta=True)
     adapter = adapter_for(m)
     summary = per_layer_summary(adapter, m)
-    reduction = getattr(m.config, "token_reduction", None) or {}
+    reduction = token_reduction(m.config)
     info = {"model": model, "class": type(m).__name__, "family": adapter.family, "parameters": count_params(m),
             "components": {name: sum(p.numel() for p in mod.parameters())
                            for name, mod in adapter.components(m).items()},
             **summary,
-            "token_reduction": {t["component"]: {"algorithm": reduction["algorithm"], "r": t["r"],
-                                                 "tokens_per_layer": [t["num_tokens"], *t["tokens_per_layer"]],
-                                                 # e.g. BLIP + Turbo: the text encoder keeps its text tokens and
-                                                 # prunes the image tokens its cross-attention reads
-                                                 "counts": counted_tokens(reduction["algorithm"], t)[1]}
-                                for t in reduction.get("towers", [])}}
+            "token_reduction": {t.component: {"algorithm": reduction.algorithm, "r": t.r,
+                                              "tokens_per_layer": [t.num_tokens, *t.tokens_per_layer],
+                                              # e.g. BLIP + Turbo: the text encoder keeps its text tokens and
+                                              # prunes the image tokens its cross-attention reads
+                                              "counts": counted_tokens(reduction.algorithm, t)[1]}
+                                for t in (reduction.towers if reduction else [])}}
     if as_json:
         print(json.dumps(info, indent=2))
         return

@@ -24,7 +24,9 @@ from .checkpoint import compression_record, library_versions, load, save_checkpo
 from .errors import ModelLoadError, OutputError, StageOrderError
 from .model_card import model_card
 from .modeling.reduction import counted_tokens
+from .modeling.spec import TokenReductionSpec
 from .models import load_model
+from .progress import Progress
 from .recipe import Recipe, load_recipe
 from .registry import get_method
 from .stages.base import RunContext, Stage, StageReport, count_params
@@ -49,7 +51,24 @@ def build_stages(recipe: Recipe) -> list[Stage]:
                 f"stages[{i}] ({stage.config.method}) needs training / calibration data, but the recipe has no "
                 "data.train; add e.g. data: {train: {builtin: shapes, split: train, size: 256}}"
             )
+        if stage.trains and recipe.data is not None and _same_source(recipe.data.train, recipe.data.eval):
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}) trains on data.train, which is the same data as data.eval "
+                f"({_describe(recipe.data.eval)}); accuracy measured on training data is inflated; train on another "
+                "split, e.g. data.train: {builtin: shapes, split: train}")
     return stages
+
+
+def _same_source(a, b) -> bool:
+    """Whether two data sources name the same examples (sizes aside)."""
+    if a is None or b is None:
+        return False
+    keys = ("builtin", "path", "hf", "split")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _describe(source) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in source.model_dump(exclude_none=True).items() if k != "size")
 
 
 def work_dir_for(output: Path) -> Path:
@@ -98,37 +117,6 @@ def _find_resume_point(work: Path, recipe: Recipe) -> tuple[int, Path | None]:
     return done, folder
 
 
-class _Progress:
-    """A rich progress display over stages (silent when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled = enabled
-        self.total = total
-        if enabled:
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                TextColumn("{task.completed}/{task.total} stages"), TimeElapsedColumn())
-            self.task = self.bar.add_task("vlmcompress", total=total)
-
-    def __enter__(self):
-        if self.enabled:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-    def describe(self, text: str) -> None:
-        if self.enabled:
-            self.bar.update(self.task, description=text)
-
-    def advance(self) -> None:
-        if self.enabled:
-            self.bar.advance(self.task)
-
-
 def apply(
     recipe: str | Path | dict | Recipe,
     model: nn.Module | None = None,
@@ -171,7 +159,7 @@ def apply(
     teacher = _teacher_loader(recipe, model if given_model else None, stages)
 
     ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
-                     compression=compression_record(model), processor=processor)
+                     compression=compression_record(model), processor=processor, progress=progress)
     rows = eval_rows(recipe, model)
     accuracy_before = measure(model, processor, adapter.family, rows)
     speed_before = quick_speed(model, adapter) if rows is not None else None
@@ -195,14 +183,15 @@ def apply(
     if start > 0:
         accuracy_out = measure(ctx.model, processor, adapter.family, rows)
         speed_out = quick_speed(ctx.model, adapter) if speed_before is not None else None
-    with _Progress(progress, len(stages)) as bar:
+    with Progress("vlmcompress", total=len(stages), unit="stages", enabled=progress) as bar:
         for _ in range(start):
-            bar.advance()
+            bar.update(advance=1)
         for i in range(start, len(stages)):
             stage = stages[i]
-            bar.describe(f"stage {i + 1}/{len(stages)}: {stage.config.method}")
+            bar.update(description=f"stage {i + 1}/{len(stages)}: {stage.config.method}")
             torch.manual_seed(recipe.seed + i)  # each stage's randomness is independent of where a run resumed
             t0 = time.perf_counter()
+            ctx.work, ctx.stage_index = (work if save else None), i
             accuracy_in = accuracy_out
             report = _run_stage(stage, ctx, teacher)
             report.seconds = time.perf_counter() - t0
@@ -220,7 +209,7 @@ def apply(
             if save:
                 _save_stage(ctx, work, i, recipe, params_before)
             check_guards(recipe.guards, accuracy_before, accuracy_out, f"{i + 1} ({stage.config.method})")
-            bar.advance()
+            bar.update(advance=1)
 
         model = to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
         report = run_report(ctx, recipe, params_before)
@@ -233,7 +222,7 @@ def apply(
                                "flops_reduction": round(speed_before["gflops_per_sample"] /
                                                         speed_out["gflops_per_sample"], 3)}
         if save:
-            bar.describe("writing the checkpoint")
+            bar.update(description="writing the checkpoint")
             _atomic_write_dir(out, lambda tmp: save_checkpoint(
                 model, tmp, recipe_yaml=recipe.to_yaml(), report=report, processor=processor,
                 card=model_card(recipe, report, model), artifacts=ctx.artifacts))
@@ -299,12 +288,12 @@ def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_
 
 def run_report(ctx: RunContext, recipe: Recipe, params_before: int) -> dict[str, Any]:
     params_after = count_params(ctx.model)
-    reduction = ctx.compression.get("token_reduction") or {}
+    reduction = TokenReductionSpec.read(ctx.compression.get("token_reduction"))
     towers = {}
-    for t in reduction.get("towers", []):
+    for t in reduction.towers if reduction else []:
         # a tower may count another stream's tokens (Turbo in BLIP's text encoder: image tokens, "text image")
-        stream, _ = counted_tokens(reduction["algorithm"], t)
-        towers[t["component"] + (f" {stream}" if stream else "")] = [t["num_tokens"], *t["tokens_per_layer"]]
+        stream, _ = counted_tokens(reduction.algorithm, t)
+        towers[t.component + (f" {stream}" if stream else "")] = [t.num_tokens, *t.tokens_per_layer]
     return {
         "base_model": recipe.model,
         "family": ctx.adapter.family,

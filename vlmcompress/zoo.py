@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import shapes
+from .data import batches, shapes
+from .data.schema import DataSource
 from .errors import ModelLoadError
+from .progress import Progress
 
 ZOO_DIR = Path(__file__).parent / "zoo_weights"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -163,9 +165,9 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, recipe, config: sh
     warm = max(1, int(recipe.warmup * recipe.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
                                                  (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
-    for step in range(recipe.steps):
-        rows = shapes.generate("train", recipe.batch_size, seed=recipe.seed, config=config,
-                               start=step * recipe.batch_size)
+    source = DataSource(builtin="shapes", split="train")
+    stream = batches(source, config.image_size, recipe.seed, recipe.steps * recipe.batch_size, recipe.batch_size)
+    for step, rows in enumerate(stream):
         loss = loss_fn(rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,15 +326,8 @@ def train_and_save(name: str, folder: Path, progress: bool = True) -> dict:
     recipe = ZOO[name]
     trainer = train_llava if isinstance(recipe, LlavaRecipe) else train_clip
     start = time.perf_counter()
-    if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        with Progress(TextColumn(f"training {name}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                      TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
-            task = bar.add_task(name, total=recipe.steps, loss=float("nan"))
-            model = trainer(recipe, on_step=lambda s, loss: bar.update(task, completed=s + 1, loss=loss))
-    else:
-        model = trainer(recipe)
+    with Progress(f"training {name}", total=recipe.steps, unit="steps", enabled=progress) as bar:
+        model = trainer(recipe, on_step=lambda s, loss: bar.update(completed=s + 1, loss=loss))
     seconds = time.perf_counter() - start
     save_zoo_model(name, model, folder, seconds)
     return {"name": name, "seconds": round(seconds, 1), "folder": str(folder)}

@@ -55,6 +55,24 @@ class MlpUnit:
 
 
 @dataclass
+class TrainOutputs:
+    """A family's task loss and its logits by name (`[N, classes]` rows that logit distillation compares)."""
+
+    loss: torch.Tensor
+    logits: dict[str, torch.Tensor]
+
+
+def same_text_mask(texts: list[str]) -> torch.Tensor:
+    """`[B, B]` bool: True where two rows of a batch have the same caption (they are not each other's negatives)."""
+    return torch.tensor([[a == b for b in texts] for a in texts])
+
+
+def same_ids_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, B]` bool: rows with identical token ids (a batch built from tensors, without texts)."""
+    return (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)
+
+
+@dataclass
 class VisionTower:
     """Where an encoder's layers are, and what its token sequence looks like (vision, or text with `text` set)."""
 
@@ -115,6 +133,19 @@ class ModelAdapter:
         """Deterministic inputs that exercise every component (for tracing, tests and verification)."""
         raise NotImplementedError
 
+    def collate(self, processor: Any, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The model's inputs for training on data rows (`image`, `text`, `question` / `answer`), with what the
+        loss needs beside them (`same_text`: `[B, B]` bool, rows whose captions are equal; `labels`)."""
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"no training inputs for the {self.family} family yet")
+
+    def train_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TrainOutputs:
+        """The family's task loss on a `collate` batch and the logits that logit distillation compares."""
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"no training loss for the {self.family} family yet")
+
     def task_loss(self, model: nn.Module, processor: Any, rows: list[dict]) -> torch.Tensor:
         """The family's training loss on data rows (`image`, `text`, ...), used for gradient-based importance."""
         from ..errors import UnsupportedModelError
@@ -169,22 +200,3 @@ def _bert_attention(name: str, component: str, layer: int, module: nn.Module, se
                          head_dim=inner.attention_head_size, num_heads=heads, num_kv_heads=heads,
                          q=p + "query", k=p + "key", v=p + "value", out="output.dense",
                          head_attrs=(p + "num_attention_heads",), width_attrs=(p + "all_head_size",))
-
-
-def encoder_gflops(model: nn.Module, units: list[AttentionUnit], mlps: list[MlpUnit], tokens_in: list[int]) -> float:
-    """Estimated GFLOPs (2 × multiply-adds) of one sample through encoder layers with the given tokens per layer.
-
-    Counts the q/k/v/out and MLP matmuls at each layer's current (possibly pruned) widths plus the two attention
-    matmuls; ignores norms, activations and the patch embedding (a few % of a ViT). Needs shapes only, so it works
-    on the meta device.
-    """
-    total = 0.0
-    for unit, mlp, n in zip(units, mlps, tokens_in):
-        out = get_submodule(unit.module, unit.out)
-        d_model, width = out.out_features, out.in_features
-        qkv = (get_submodule(unit.module, unit.qkv).out_features if unit.qkv else
-               sum(get_submodule(unit.module, p).out_features for p in (unit.q, unit.k, unit.v)))
-        mlp_width = get_submodule(mlp.module, mlp.down).in_features
-        total += 2 * n * (d_model * qkv + width * d_model + (len(mlp.up) + 1) * d_model * mlp_width)
-        total += 2 * 2 * n * n * width
-    return total / 1e9

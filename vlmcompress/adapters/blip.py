@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .base import (ModelAdapter, MlpUnit, VisionTower, _bert_attention, _layers_units, _patch_tokens,
-                   _pixel_values, _seeded_init, get_submodule)
+from .base import (
+    MlpUnit,
+    ModelAdapter,
+    TrainOutputs,
+    VisionTower,
+    _bert_attention,
+    _layers_units,
+    _patch_tokens,
+    _pixel_values,
+    _seeded_init,
+    get_submodule,
+    same_ids_mask,
+    same_text_mask,
+)
+from .clip import symmetric_cross_entropy
 
 TEXT_LAYERS = "text_encoder.encoder.layer"
+ITC_TEMPERATURE = 0.07  # BLIP's contrastive temperature at initialisation (the retrieval head keeps no learned one)
 
 
 class BlipAdapter(ModelAdapter):
@@ -61,3 +76,35 @@ class BlipAdapter(ModelAdapter):
         itm = model(**inputs, use_itm_head=True).itm_score
         cosine = model(**inputs, use_itm_head=False).itm_score
         return {"itm_score": itm, "cosine": cosine}
+
+
+def blip_collate(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
+    texts = [r["text"] for r in rows]
+    batch = dict(processor(text=texts, images=[r["image"] for r in rows], padding=True, return_tensors="pt"))
+    return batch | {"same_text": same_text_mask(texts)}
+
+
+def blip_train_outputs(model, batch: dict[str, torch.Tensor]) -> TrainOutputs:
+    """BLIP's retrieval losses: image-text contrastive (ITC: cosine similarities of the projected CLS tokens over
+    `ITC_TEMPERATURE`, both ways) plus image-text matching (ITM: the cross-attending text encoder's 2-way head on
+    every matched pair and, as negative, every image with the next row's caption unless the captions are equal)."""
+    same = batch.get("same_text")
+    same = same_ids_mask(batch["input_ids"]) if same is None else same
+    inputs = {k: v for k, v in batch.items() if k != "same_text"}
+    sims = model(**inputs, use_itm_head=False).itm_score / ITC_TEMPERATURE  # [B images, B texts]
+    itc = symmetric_cross_entropy(sims, same.to(sims.device))
+    b = len(sims)
+    shifted = torch.roll(torch.arange(b), -1)
+    pairs = {"input_ids": torch.cat([inputs["input_ids"], inputs["input_ids"][shifted]]),
+             "pixel_values": torch.cat([inputs["pixel_values"], inputs["pixel_values"]])}
+    if "attention_mask" in inputs:
+        pairs["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"][shifted]])
+    itm_logits = model(**pairs, use_itm_head=True).itm_score  # [2B, 2]
+    negative_is_match = same[torch.arange(b), shifted].long()
+    labels = torch.cat([torch.ones(b, dtype=torch.long), negative_is_match]).to(itm_logits.device)
+    itm = F.cross_entropy(itm_logits, labels)
+    return TrainOutputs(itc + itm, {"itc_image_to_text": sims, "itc_text_to_image": sims.t(), "itm": itm_logits})
+
+
+BlipAdapter.collate = staticmethod(blip_collate)
+BlipAdapter.train_outputs = staticmethod(blip_train_outputs)

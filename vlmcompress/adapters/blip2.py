@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import (AttentionUnit, ModelAdapter, MlpUnit, VisionTower, _bert_attention, _layers_units, _patch_tokens,
-                   _pixel_values, _seeded_init, get_submodule)
+from .base import (
+    AttentionUnit,
+    MlpUnit,
+    ModelAdapter,
+    TrainOutputs,
+    VisionTower,
+    _bert_attention,
+    _layers_units,
+    _patch_tokens,
+    _pixel_values,
+    _seeded_init,
+    get_submodule,
+)
 
 QFORMER_LAYERS = "qformer.encoder.layer"
 LLM_LAYERS = "language_model.model.decoder.layers"
@@ -75,3 +86,33 @@ class Blip2Adapter(ModelAdapter):
 
     def main_outputs(self, model, inputs):
         return {"logits": model(**inputs).logits}
+
+
+def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
+    """LM labels of a captioning batch: the caption tokens; image placeholders and padding are ignored (-100)."""
+    labels = input_ids.masked_fill(input_ids == image_token_id, -100)
+    return labels if attention_mask is None else labels.masked_fill(attention_mask == 0, -100)
+
+
+def blip2_collate(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
+    batch = dict(processor(text=[r["text"] for r in rows], images=[r["image"] for r in rows], padding=True,
+                           return_tensors="pt"))
+    token_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    return batch | {"labels": caption_labels(batch["input_ids"], batch.get("attention_mask"), token_id)}
+
+
+def blip2_train_outputs(model, batch: dict[str, torch.Tensor]) -> TrainOutputs:
+    """Caption language-model loss; the logits are those of the caption tokens `[tokens, vocab]`."""
+    if "labels" not in batch:
+        batch = batch | {"labels": caption_labels(batch["input_ids"], batch.get("attention_mask"),
+                                                  model.config.image_token_index)}
+    out = model(**batch)
+    labels = batch["labels"]
+    logits = out.logits[:, -labels.shape[1]:]
+    # the logits at position t predict token t + 1: compare those that predict a caption token
+    predicting = labels[:, 1:] != -100
+    return TrainOutputs(out.loss, {"tokens": logits[:, :-1][predicting]})
+
+
+Blip2Adapter.collate = staticmethod(blip2_collate)
+Blip2Adapter.train_outputs = staticmethod(blip2_train_outputs)

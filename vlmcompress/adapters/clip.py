@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelAdapter, VisionTower, _layers_units, _patch_tokens, _pixel_values, _seeded_init
+from .base import (
+    ModelAdapter,
+    TrainOutputs,
+    VisionTower,
+    _layers_units,
+    _patch_tokens,
+    _pixel_values,
+    _seeded_init,
+    same_ids_mask,
+    same_text_mask,
+)
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    image_size=32, patch_size=4, num_channels=3, initializer_range=0.02)
@@ -70,4 +81,34 @@ def contrastive_loss(model: nn.Module, processor, rows: list[dict]) -> torch.Ten
     return model(**batch, return_loss=True).loss
 
 
+def dual_encoder_batch(processor, rows: list[dict], **text_kwargs) -> dict[str, torch.Tensor]:
+    """Tokenised captions and pixel values of `rows`, with `same_text` (equal captions are not negatives)."""
+    texts = [r["text"] for r in rows]
+    batch = dict(processor(text=texts, images=[r["image"] for r in rows], return_tensors="pt", **text_kwargs))
+    return batch | {"same_text": same_text_mask(texts)}
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss on `[B, B]` image-to-text logits: cross-entropy both ways, equal captions masked out of each
+    other's negatives."""
+    logits = logits.masked_fill(same & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device), -1e4)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def _same(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    same = batch.get("same_text")
+    return same_ids_mask(batch["input_ids"]) if same is None else same
+
+
+def clip_train_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> TrainOutputs:
+    """Contrastive loss; the logits are the image-to-text and text-to-image similarity rows."""
+    out = model(**{k: v for k, v in batch.items() if k != "same_text"})
+    logits = out.logits_per_image
+    return TrainOutputs(symmetric_cross_entropy(logits, _same(batch).to(logits.device)),
+                        {"image_to_text": logits, "text_to_image": logits.t()})
+
+
 CLIPAdapter.task_loss = staticmethod(contrastive_loss)
+CLIPAdapter.collate = staticmethod(lambda processor, rows: dual_encoder_batch(processor, rows, padding=True))
+CLIPAdapter.train_outputs = staticmethod(clip_train_outputs)

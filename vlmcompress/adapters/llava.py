@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import (AttentionUnit, ModelAdapter, MlpUnit, VisionTower, _layers_units, _patch_tokens, _pixel_values,
-                   _seeded_init, get_submodule)
+from .base import (
+    AttentionUnit,
+    MlpUnit,
+    ModelAdapter,
+    TrainOutputs,
+    VisionTower,
+    _layers_units,
+    _patch_tokens,
+    _pixel_values,
+    _seeded_init,
+    get_submodule,
+)
 
 LLM_LAYERS = "model.language_model.layers"
 VISION_LAYERS = "model.vision_tower.encoder.layers"
@@ -89,6 +99,10 @@ class LlavaAdapter(ModelAdapter):
 
     def task_loss(self, model, processor, rows):
         """Next-token loss on the answers of `user: <image> QUESTION assistant: ANSWER </s>` prompts."""
+        return model(**self.collate(processor, rows)).loss
+
+    def collate(self, processor, rows):
+        """`user: <image> QUESTION assistant: ANSWER </s>` prompts (left-padded), labels on the answer tokens."""
         questions = [r.get("question", "what is in the image ?") for r in rows]
         answers = [r.get("answer", r["text"]) for r in rows]
         texts = [f"user: <image> {q} assistant: {a} </s>" for q, a in zip(questions, answers)]
@@ -97,7 +111,21 @@ class LlavaAdapter(ModelAdapter):
         for i, answer in enumerate(answers):
             n = len(processor.tokenizer(f"{answer} </s>", add_special_tokens=False)["input_ids"])
             labels[i, -n:] = batch["input_ids"][i, -n:]  # left padding: the answer ends every row
-        return model(**batch, labels=labels).loss
+        return dict(batch) | {"labels": labels}
+
+    def train_outputs(self, model, batch):
+        """Answer-token LM loss; the logits are those predicting answer tokens `[tokens, vocab]`."""
+        if "labels" not in batch:  # a batch of tensors: the last two positions are the answer
+            labels = torch.full_like(batch["input_ids"], -100)
+            labels[:, -2:] = batch["input_ids"][:, -2:]
+            batch = batch | {"labels": labels}
+        out = model(**batch)
+        labels = batch["labels"]
+        logits = out.logits
+        if logits.shape[1] != labels.shape[1]:  # shortened prompts (token reduction, FastV): labels were aligned
+            labels = labels[:, -logits.shape[1]:]
+        predicting = labels[:, 1:] != -100
+        return TrainOutputs(out.loss, {"tokens": logits[:, :-1][predicting]})
 
     def main_outputs(self, model, inputs):
         logits = model(**inputs).logits

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from .base import VisionTower, _patch_tokens, _seeded_init
-from .clip import TINY_TEXT, TINY_VISION, CLIPAdapter, _dual_encoder_inputs
+import torch
+import torch.nn.functional as F
+
+from .base import TrainOutputs, VisionTower, _patch_tokens, _seeded_init
+from .clip import TINY_TEXT, TINY_VISION, CLIPAdapter, _dual_encoder_inputs, _same
 
 
 class SiglipAdapter(CLIPAdapter):
@@ -32,3 +35,22 @@ class SiglipAdapter(CLIPAdapter):
         inputs = _dual_encoder_inputs(model, batch_size, seed)
         inputs.pop("attention_mask")  # SigLIP is trained on padded-to-max text without a mask
         return inputs
+
+
+def sigmoid_loss(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss on `[B, B]` logits (scale and bias included): every pair is a binary
+    problem, positive on the diagonal and for equal captions; summed over pairs, averaged over images."""
+    positive = same | torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    signs = positive.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(signs * logits).sum() / len(logits)
+
+
+def siglip_train_outputs(model, batch: dict[str, torch.Tensor]) -> TrainOutputs:
+    out = model(**{k: v for k, v in batch.items() if k != "same_text"})
+    logits = out.logits_per_image
+    return TrainOutputs(sigmoid_loss(logits, _same(batch).to(logits.device)),
+                        {"image_to_text": logits, "text_to_image": logits.t()})
+
+
+# batches as CLIP's (padded to the longest caption, with a mask: as `vlmcompress eval` encodes text)
+SiglipAdapter.train_outputs = staticmethod(siglip_train_outputs)

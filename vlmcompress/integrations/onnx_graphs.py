@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError, VlmCompressError
+from ..modeling.spec import token_reduction
 
 
 class OnnxExportError(VlmCompressError):
@@ -144,13 +145,13 @@ def check_exportable(model: nn.Module, adapter) -> list[int]:
     `"data_dependent": true`); only the vision tower may be reduced (the text graphs have a dynamic length); and the
     tokens per layer measured on two different images (and the recorded schedule, where there is one) must agree.
     """
-    spec = getattr(model.config, "token_reduction", None) or {}
-    for tower in spec.get("towers", []):
-        algorithm = tower.get("algorithm", spec.get("algorithm"))
-        component = tower.get("component", "vision")
+    spec = token_reduction(model.config)
+    for tower in spec.towers if spec else []:
+        algorithm = spec.algorithm
+        component = tower.component
         if component not in ("vision", "text"):
             continue  # inside LLaVA's language model (FastV): not part of any exported graph
-        if not fixed_schedule(algorithm) or tower.get("data_dependent") or spec.get("data_dependent"):
+        if not fixed_schedule(algorithm) or tower.data_dependent or spec.data_dependent:
             raise OnnxExportError(
                 f"token reduction '{algorithm}' on the {component} tower chooses how many tokens to keep from the "
                 "data, so an ONNX graph traced on one input would be wrong for others; ONNX export supports "
@@ -168,10 +169,8 @@ def check_exportable(model: nn.Module, adapter) -> list[int]:
         pixels = torch.randn(1, config.num_channels, config.image_size, config.image_size, generator=g) * seed
         with torch.no_grad():
             seen.append(_tokens_seen(model, adapter, lambda: _vision_forward(model, adapter, pixels)))
-    recorded = None
-    towers = [t for t in spec.get("towers", []) if t.get("component", "vision") == "vision"]
-    if towers and towers[0].get("tokens_per_layer"):
-        recorded = [towers[0]["num_tokens"], *towers[0]["tokens_per_layer"]]
+    vision = None if spec is None else spec.tower("vision")
+    recorded = None if vision is None else [vision.num_tokens, *vision.tokens_per_layer]
     if seen[0] != seen[1] or (recorded is not None and seen[0] != recorded):
         raise OnnxExportError(
             f"the vision tower's token counts depend on the input (tokens per layer {seen[0]} on one image, {seen[1]} "

@@ -105,10 +105,9 @@ def prompt_ids(model: nn.Module, family: str, batch_size: int, device="cpu") -> 
     config = model.config
     text = _text_ids(model, batch_size, TEXT_TOKENS, device, low=5)
     if family == "llava":
-        vision = config.vision_config
-        n_image = (vision.image_size // vision.patch_size) ** 2
-        n_image += 0 if config.vision_feature_select_strategy == "default" else 1
-        image_id = config.image_token_id
+        from ..modeling.llava_tokens import image_tokens_per_image
+
+        n_image, image_id = image_tokens_per_image(config), config.image_token_id
     else:
         n_image, image_id = config.num_query_tokens, config.image_token_index
     text[text == image_id] = 5 if image_id != 5 else 6

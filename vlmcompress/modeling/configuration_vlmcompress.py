@@ -1,6 +1,6 @@
 """Configs of compressed checkpoints: the stock config of each family plus what compression changed.
 
-Extra keys (all plain JSON):
+Extra keys (all plain JSON, typed and versioned by `spec.py`):
     `vlmcompress`: `format_version`, `base_model`, `param_shapes` / `module_attrs` (the pruning record replayed by
         `shapes.apply_shape_record`), `layer_num_heads` / `layer_intermediate_sizes` (per component, for people),
         `versions` (libraries that produced the checkpoint).
@@ -20,8 +20,7 @@ from transformers import Blip2Config, BlipConfig, CLIPConfig, LlavaConfig, Sigli
 # the hash of a file and of the files it imports; without this import, a checkpoint with a plug-in algorithm loaded
 # after a built-in one in the same process would get the built-in one's model class.
 from .algorithms import NAMES as ALGORITHMS  # noqa: F401
-
-FORMAT_VERSION = 1
+from .spec import FORMAT_VERSION  # noqa: F401  (the checkpoint format this code writes; see spec.py)
 
 
 class VlmcCLIPConfig(CLIPConfig):

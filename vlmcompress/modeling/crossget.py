@@ -203,6 +203,20 @@ def reduce_crossget(layer, x, internals: AttentionInternals, state: ReductionSta
     return x
 
 
-REDUCER = register_reducer(Reducer("crossget", reduce_crossget, order_preserving=True,
+def crossget_scoring_flops(n: int, r: int, shape, options: dict) -> int:
+    """FLOPs of CrossGET's scoring for `n` tokens (the cross token included) at full key width: the importance
+    (`n` keys against one guide query), the complete graph (`n × n`) and the fallback rows (`r × n`)."""
+    return 2 * n * shape.width + 2 * n * n * shape.width + 2 * r * n * shape.width
+
+
+def crossget_sources(state: ReductionState) -> torch.Tensor | None:
+    """`[B, N', N0]` bool from the merge map every input token followed (`state.old_to_new`)."""
+    if state.old_to_new is None or not state.tokens:
+        return None
+    return F.one_hot(state.old_to_new, state.tokens[-1]).transpose(1, 2).bool()
+
+
+REDUCER = register_reducer(Reducer("crossget", reduce_crossget, order_preserving=True, added_tokens=1,
+                                   sources=crossget_sources, scoring_flops=crossget_scoring_flops,
                                    setup_layer=add_cross_token_parameter, enter_layer=append_cross_token,
                                    leave_layer=remove_cross_token))

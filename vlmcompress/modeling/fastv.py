@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .patching import swap_forward
 from .reduction import Reducer, register_reducer
+from .spec import TowerSpec
 from .token_ops import gather_tokens, keep_count
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,9 +252,11 @@ def _capture_hook(state: FastVState, name: str):
     return hook
 
 
-def apply_fastv(model: nn.Module, tower: dict) -> FastVState:
-    """Patch the decoder layers at `tower["layers_path"]` for FastV and hook the module at `tower["inputs_path"]`
+def apply_fastv(model: nn.Module, tower: dict | TowerSpec) -> FastVState:
+    """Patch the decoder layers at `tower.layers_path` for FastV and hook the module at `tower.inputs_path`
     (the LLaVA model that receives `input_ids`) to read the image positions of every call."""
+    if isinstance(tower, TowerSpec):  # the checkpoint's tower; tests and callers may give just these keys
+        tower = tower.to_dict()
     layers = model.get_submodule(tower["layers_path"])
     k = int(tower["layer"])
     if not 1 <= k < len(layers):
@@ -293,10 +297,24 @@ def apply_fastv(model: nn.Module, tower: dict) -> FastVState:
     return state
 
 
-def patch_fastv(model: nn.Module, tower: dict, options: dict | None = None) -> FastVState:
+def patch_fastv(model: nn.Module, tower, options: dict | None = None) -> FastVState:
     """The reducer's patcher: FastV works on the language model's decoder layers, not on encoder layers."""
     return apply_fastv(model, tower)
 
 
 # the language model is patched as a whole (`patch`); the vision-tower forward of `reduction.py` is not used
-REDUCER = register_reducer(Reducer("fastv", patch=patch_fastv))
+def fastv_scoring_flops(n: int, r: int, shape, options: dict) -> int:
+    """FLOPs of `last_token_attention` at layer K: one query per head against the `n` keys."""
+    return 2 * n * shape.width
+
+
+def fastv_sources(state: FastVState) -> torch.Tensor | None:
+    """`[B, L', L]` bool: the prompt position each token kept after layer K stands at."""
+    if state.keep is None:
+        return None
+    return F.one_hot(state.keep, int(state.keep.max()) + 1).bool()
+
+
+# the language model is patched as a whole (`patch`); it reduces the output of layer K (`after_mlp`)
+REDUCER = register_reducer(Reducer("fastv", patch=patch_fastv, after_mlp=True, sources=fastv_sources,
+                                   scoring_flops=fastv_scoring_flops))

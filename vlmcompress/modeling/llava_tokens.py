@@ -9,9 +9,41 @@ VisionZip and PruMerge reduce the image tokens at the output of the vision encod
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .reduction import AttentionInternals, ReductionState, class_attention
+from .spec import token_reduction
 from .token_ops import gather_tokens
+
+
+def image_tokens_per_image(config) -> int:
+    """Image tokens per image in the language model's input, unreduced: one per patch, plus the class token with
+    the "full" feature strategy ("default" drops it)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (0 if config.vision_feature_select_strategy == "default" else 1)
+
+
+def feature_layer_index(config) -> int:
+    """Index into the vision tower's hidden states that LLaVA hands to the projector (0 = the patch embeddings,
+    i = the output of encoder layer i - 1); ValueError for a list of feature layers."""
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"token reduction supports a single int vision_feature_layer, not {layer!r}")
+    return layer % (config.vision_config.num_hidden_layers + 1)  # hidden_states[0] is the embedding output
+
+
+def llava_image_token_counts(config) -> tuple[int, int]:
+    """(placeholders the processor writes per image, image tokens the reduced vision tower hands to the LLM)."""
+    full = image_tokens_per_image(config)
+    spec = token_reduction(config)
+    vision = None if spec is None else spec.tower("vision")
+    if vision is None:
+        return full, full
+    applied = feature_layer_index(config)
+    tokens = vision.tokens_per_layer[applied - 1] if applied > 0 else vision.num_tokens
+    drop_cls = 1 if config.vision_feature_select_strategy == "default" else 0
+    return full, tokens - drop_cls
 
 
 def feature_layer_internals(layer, internals: AttentionInternals, state: ReductionState):
@@ -30,6 +62,14 @@ def place_tokens(x: torch.Tensor, source: torch.Tensor, state: ReductionState) -
         x, source = gather_tokens(x, order), source.gather(1, order)
     state.source_index = source
     return x
+
+
+def kept_sources(state: ReductionState) -> torch.Tensor | None:
+    """`[B, N', N0]` bool: the input token each output token stands at (`state.source_index`; a merged token is
+    shown at the token it was placed at)."""
+    if state.source_index is None:
+        return None
+    return F.one_hot(state.source_index, state.num_tokens_in).bool()
 
 
 def kept_placeholder_mask(input_ids: torch.Tensor, token_id: int, full: int, offsets: torch.Tensor) -> torch.Tensor:

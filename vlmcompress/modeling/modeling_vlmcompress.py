@@ -25,19 +25,20 @@ from .configuration_vlmcompress import (
     VlmcLlavaConfig,
     VlmcSiglipConfig,
 )
-from .llava_tokens import kept_placeholder_mask, shrink_placeholder_runs
+from .llava_tokens import kept_placeholder_mask, llava_image_token_counts, shrink_placeholder_runs
 from .quantized import apply_quantization
 from .reduction import apply_token_reduction
 from .shapes import apply_shape_record, patch_fused_attention
+from .spec import CheckpointRecord, token_reduction
 
 
 def setup_compressed(model: torch.nn.Module) -> None:
     """Replay the pruning record, the token reduction and the quantization stored in `model.config` on a freshly
     built model (quantization last: it wraps the linear layers that pruning resized)."""
-    record = getattr(model.config, "vlmcompress", None) or {}
-    apply_shape_record(model, record.get("param_shapes", {}), record.get("module_attrs", {}))
-    patch_fused_attention(model, record.get("param_shapes", {}))
-    apply_token_reduction(model, getattr(model.config, "token_reduction", None))
+    record = CheckpointRecord.read(getattr(model.config, "vlmcompress", None))
+    apply_shape_record(model, record.param_shapes, record.module_attrs)
+    patch_fused_attention(model, record.param_shapes)
+    apply_token_reduction(model, token_reduction(model.config))
     apply_quantization(model, getattr(model.config, "quantization", None))
 
 
@@ -73,24 +74,6 @@ class VlmcBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
         setup_compressed(self)
 
 
-def llava_image_token_counts(config) -> tuple[int, int]:
-    """(placeholders the processor writes per image, image tokens the reduced vision tower hands to the LLM)."""
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    drop_cls = 1 if config.vision_feature_select_strategy == "default" else 0
-    full = patches + 1 - drop_cls
-    reduction = getattr(config, "token_reduction", None) or {}
-    towers = [t for t in reduction.get("towers", []) if t["component"] == "vision"]
-    if not towers:
-        return full, full
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
-        raise ValueError("token reduction supports a single int `vision_feature_layer`")
-    applied = layer % (vision.num_hidden_layers + 1)  # hidden_states[0] is the embedding output
-    tokens = towers[0]["tokens_per_layer"][applied - 1] if applied > 0 else towers[0]["num_tokens"]
-    return full, tokens - drop_cls
-
-
 class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA whose prompts shrink to the reduced number of image tokens.
 
@@ -120,7 +103,8 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return shrink_placeholder_runs(input_ids, self.config.image_token_id, full, keep, *aligned)
 
     def _data_dependent(self) -> bool:
-        return bool((getattr(self.config, "token_reduction", None) or {}).get("data_dependent"))
+        spec = token_reduction(self.config)
+        return spec is not None and spec.data_dependent
 
     def _encode_images(self, pixel_values, kwargs) -> tuple[dict, int]:
         """Run the vision tower now: (`mm_encoder_outputs` for the stock forward, image tokens per image)."""
@@ -130,12 +114,13 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return {"image": image}, int(image.pooler_output[0].shape[0])
 
     def _keep_positions(self) -> bool:
-        return bool(((getattr(self.config, "token_reduction", None) or {}).get("options") or {}).get("keep_positions"))
+        spec = token_reduction(self.config)
+        return spec is not None and bool(spec.options.get("keep_positions"))
 
     def _kept_mask(self, input_ids):
         """`[B, L]` bool over a full prompt: text and the placeholders of the image tokens the vision tower kept."""
-        tower = self.config.token_reduction["towers"][0]
-        state = self.get_submodule(tower["layers_path"].rpartition(".")[0])._vlmc_state
+        tower = token_reduction(self.config).tower("vision")
+        state = self.get_submodule(tower.layers_path.rpartition(".")[0])._vlmc_state
         source = state.source_index  # [images, tokens] ascending, 0 = CLS
         full, _ = llava_image_token_counts(self.config)
         offsets = source[:, 1:] - 1 if self.config.vision_feature_select_strategy == "default" else source

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .llava_tokens import feature_layer_internals, place_tokens
+from .llava_tokens import feature_layer_internals, kept_sources, place_tokens
 from .reduction import AttentionInternals, Reducer, ReductionState, register_reducer
 from .token_ops import gather_tokens
 
@@ -141,4 +141,21 @@ def reduce_prumerge(layer, x, internals: AttentionInternals, state: ReductionSta
 
 # the adaptive mode chooses the token count per batch: its block says `data_dependent`, which keeps it out of
 # fixed-shape exports
-REDUCER = register_reducer(Reducer("prumerge", reduce_prumerge, cls_attention=True, after_mlp=True))
+def prumerge_scoring_flops(n: int, r: int, shape, options: dict) -> int:
+    """FLOPs of the fixed mode at the feature layer (`n` tokens, `P = n - 1` patches, `k` kept): the neighbour
+    search on full-width keys `[k, P]`, the weighted merge `[k, P] @ [P, D]` and the extra token `[1, P] @ [P, D]`."""
+    patches = n - 1
+    k = options["selected"]
+    if options.get("keep_positions") and options["extra_token"]:
+        k = min(k, n - 2)
+    neighbours = max(0, min(options["neighbours"], patches - 1))
+    total = 2 * k * patches * shape.d_model
+    if neighbours > 0:
+        total += 2 * k * patches * shape.width
+    if options["extra_token"]:
+        total += 2 * patches * shape.d_model
+    return total
+
+
+REDUCER = register_reducer(Reducer("prumerge", reduce_prumerge, cls_attention=True, after_mlp=True,
+                                   sources=kept_sources, scoring_flops=prumerge_scoring_flops))

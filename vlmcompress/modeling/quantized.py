@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+from .spec import QuantizationSpec, QuantModuleSpec, QuantSchemeSpec
+from .tensor_flattening import flatten_module, flatten_tensor, instantiate  # noqa: F401  (part of this module's API)
 
 _EXTRAS = {"torchao": ("torchao", "torchao"), "quanto": ("optimum-quanto", "quanto"),
            "neural_compressor": ("neural-compressor-pt", "neural_compressor")}
@@ -56,72 +57,6 @@ def _dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _is_subclass(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and hasattr(type(t), "__tensor_flatten__")
-
-
-def flatten_tensor(t: torch.Tensor, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    """Plain tensors of `t` under dotted keys (a quantized tensor subclass → its inner tensors, recursively)."""
-    if _is_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        for n in names:
-            flatten_tensor(getattr(t, n), f"{prefix}.{n}", out)
-    else:
-        out[prefix] = t.detach()
-
-
-def flatten_module(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`{"weight.qdata": int8 tensor, "weight.scale": ..., "bias": ...}` for a quantized kernel module's own
-    parameters and buffers (children are not expected)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        if t is not None:
-            flatten_tensor(t, name, out)
-    return out
-
-
-def _rebuild_tensor(template: torch.Tensor, prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    if _is_subclass(template):
-        names, ctx = template.__tensor_flatten__()
-        inner = {n: _rebuild_tensor(getattr(template, n), f"{prefix}.{n}", tensors) for n in names}
-        return type(template).__tensor_unflatten__(inner, ctx, template.size(), template.stride())
-    return tensors[prefix]
-
-
-def _rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
-    """Methods bound to `old` (also inside hook dicts, e.g. quanto's activation-quantizing hooks) → bound to `new`;
-    dicts are copied so that hooks added to one module later do not leak into the other."""
-    if getattr(value, "__self__", None) is old and hasattr(value, "__func__"):
-        return type(value)(value.__func__, new)  # a MethodType around the same function
-    if isinstance(value, dict):
-        copied = type(value)() if type(value) is not dict else {}
-        for k, v in value.items():
-            copied[k] = _rebind(v, old, new)
-        return copied
-    if isinstance(value, set):
-        return set(value)
-    return value
-
-
-def instantiate(template: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of the quantized kernel module `template` whose parameters and buffers are rebuilt around `tensors`
-    (same structure as `flatten_module(template)`); nothing is copied, the new module aliases `tensors`."""
-    module = type(template).__new__(type(template))
-    for key, value in template.__dict__.items():  # a shallow copy; its tensors are replaced below
-        module.__dict__[key] = _rebind(value, template, module)
-    module._parameters = {}
-    module._buffers = {}
-    module._non_persistent_buffers_set = set(template._non_persistent_buffers_set)
-    for name, t in template.named_parameters(recurse=False):
-        module._parameters[name] = nn.Parameter(_rebuild_tensor(t, name, tensors), requires_grad=False)
-    for name, t in template.named_buffers(recurse=False):
-        module._buffers[name] = _rebuild_tensor(t, name, tensors)
-    for name in ("bias",):  # a template built without bias keeps `bias = None`
-        if name not in module._parameters and name not in module._buffers and hasattr(template, name):
-            object.__setattr__(module, name, getattr(template, name))
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,9 +294,10 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantized_layer(spec: dict[str, Any], entry: dict[str, Any], device=None) -> QuantizedLinear:
-    return QuantizedLinear(entry["in_features"], entry["out_features"], spec["schemes"][entry["scheme"]],
-                           entry["tensors"], entry.get("dtype", "float32"), device=device)
+def quantized_layer(scheme: QuantSchemeSpec, entry: QuantModuleSpec, device=None) -> QuantizedLinear:
+    """An empty `QuantizedLinear` for the layer `entry` of the block, quantized as `scheme`."""
+    return QuantizedLinear(entry.in_features, entry.out_features, scheme.to_dict(), entry.tensors, entry.dtype,
+                           device=device)
 
 
 def build_quantized(model: nn.Module) -> None:
@@ -387,26 +323,26 @@ def compile_components(model: nn.Module, paths: list[str]) -> None:
         module._vlmc_compiled = True
 
 
-def apply_quantization(model: nn.Module, spec: dict[str, Any] | None) -> None:
-    """Swap the `nn.Linear` modules listed in `spec["modules"]` for empty `QuantizedLinear`s (real or meta device);
-    the checkpoint's tensors fill their buffers when the weights load."""
-    if not spec:
+def apply_quantization(model: nn.Module, block: dict[str, Any] | QuantizationSpec | None) -> None:
+    """Swap the `nn.Linear` modules listed in the `quantization` block for empty `QuantizedLinear`s (real or meta
+    device); the checkpoint's tensors fill their buffers when the weights load."""
+    spec = QuantizationSpec.read(block)
+    if spec is None:
         return
-    version = spec.get("format_version", FORMAT_VERSION)
-    if version > FORMAT_VERSION:
-        raise ValueError(f"this checkpoint's quantization format is version {version}, newer than this modeling code "
-                         f"(version {FORMAT_VERSION}); upgrade vlmcompress")
-    for backend in {s["backend"] for s in spec["schemes"].values()}:
+    for backend in {s.backend for s in spec.schemes.values()}:
         if backend not in _BUILDERS:
             raise ValueError(f"unknown quantization backend {backend!r} in the checkpoint's config")
         if backend in _EXTRAS:
             _require(backend)
-    for name, entry in spec["modules"].items():
+    for name, entry in spec.modules.items():
+        if entry.scheme not in spec.schemes:
+            raise ValueError(f"quantization.modules[{name!r}] names scheme {entry.scheme!r}, which the block's "
+                             f"schemes ({sorted(spec.schemes)}) lack; the checkpoint's config.json is corrupt")
         old = model.get_submodule(name)
         device = next(iter(old.parameters()), torch.empty(0)).device
-        set_module(model, name, quantized_layer(spec, entry, device))
-    if spec.get("compile"):
-        compile_components(model, spec["compile"])
+        set_module(model, name, quantized_layer(spec.schemes[entry.scheme], entry, device))
+    if spec.compile:
+        compile_components(model, spec.compile)
 
 
 def _require(backend: str) -> None:

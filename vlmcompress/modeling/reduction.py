@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .patching import swap_forward
+from .spec import TextTowerSpec, TokenReductionSpec, TowerSpec
 
 
 @dataclass
@@ -32,17 +33,18 @@ class ReductionState:
     """Per-forward state of one tower, shared by all its reducing layers.
 
     `options` holds the algorithm's knobs from the checkpoint (e.g. Turbo's alpha); `text` describes a text tower
-    (`{"causal": bool, "eot": "eos" | "argmax" | "last", "eos_token_id": int}`), None for a vision tower.
+    (a `TextTowerSpec`: causal or not, how it finds the end-of-text token), None for a vision tower.
     """
 
     algorithm: str
     class_token: bool
     proportional_attention: bool
     options: dict[str, Any] = field(default_factory=dict)
-    text: dict[str, Any] | None = None
+    text: TextTowerSpec | None = None
     trace_source: bool = False
     size: torch.Tensor | None = None  # [B, N, 1] original tokens per token
     source: torch.Tensor | None = None  # [B, N, N0] which original tokens each token holds (visualisation)
+    num_tokens_in: int = 0  # tokens entering the first layer in the last forward
     tokens: list[int] = field(default_factory=list)  # tokens after each layer in the last forward
     merging_layers: int = 0  # layers that had r > 0 so far in this forward (Turbo's layer counter)
     cross: torch.Tensor | None = None  # [B, 1, D] CrossGET's cross token after the previous layer
@@ -90,6 +92,14 @@ class Reducer:
             tower's own tokens (`("image", "image tokens read by cross-attention")`), for reports.
         patch(model, tower, options) -> state: patch a tower entirely by itself (FastV: the decoder layers of the
             language model); `reduce` is then unused.
+        sources(state) -> `[B, N', N0]` bool or None: which input tokens each output token holds after the last
+            forward (merge sources, or the kept input indices as one-hot rows), for reports' pictures; see
+            `token_sources`.
+
+    For the plan-time FLOPs estimate (`vlmcompress.measure.estimate`): `added_tokens` the reducer appends to the
+    sequence for every layer (CrossGET's cross token), and `scoring_flops(n, r, shape, options) -> int` the FLOPs
+    of the matmuls its own scoring runs in a layer entered by `n` tokens that removes `r` (`shape`: the layer's
+    `LayerShape` widths), so that the estimate equals what `FlopCounterMode` counts.
     """
 
     name: str
@@ -104,6 +114,9 @@ class Reducer:
     tower_kinds: dict[str, Callable[..., Any]] = field(default_factory=dict)
     counted: dict[str, tuple[str, str]] = field(default_factory=dict)
     patch: Callable[..., Any] | None = None
+    sources: Callable[[Any], torch.Tensor | None] | None = None
+    added_tokens: int = 0
+    scoring_flops: Callable[..., int] | None = None
 
 
 REDUCERS: dict[str, Reducer] = {}
@@ -124,12 +137,12 @@ def register_reducer(reducer: Reducer) -> Reducer:
     return reducer
 
 
-def counted_tokens(algorithm: str, tower: dict) -> tuple[str | None, str]:
+def counted_tokens(algorithm: str, tower: TowerSpec) -> tuple[str | None, str]:
     """(stream, description) of the tokens a checkpoint tower's counts count: `(None, "tokens")` for its own."""
     reducer = REDUCERS.get(algorithm)
-    if reducer is None or tower.get("kind") not in reducer.counted:
+    if reducer is None or tower.kind not in reducer.counted:
         return None, "tokens"
-    return reducer.counted[tower["kind"]]
+    return reducer.counted[tower.kind]
 
 
 def _qualname(reducer: Reducer) -> str:
@@ -196,9 +209,9 @@ def attention_bias(state: ReductionState, n: int, incoming: torch.Tensor | None,
     """The additive attention bias of a reducing layer for `n` tokens: the text tower's causal / padding mask
     (rebuilt, since tokens moved), plus `log(size)` on the keys for proportional attention."""
     bias = incoming if state.text is None else None
-    if state.text is not None and (state.text.get("causal") or state.valid is not None):
+    if state.text is not None and (state.text.causal or state.valid is not None):
         allowed = torch.ones(1, 1, n, n, dtype=torch.bool, device=device)
-        if state.text.get("causal"):
+        if state.text.causal:
             allowed = allowed.tril()
         if state.valid is not None:
             allowed = allowed & state.valid[:, None, None, :]
@@ -222,6 +235,8 @@ def reducing_layer_forward(self, hidden_states: torch.Tensor, attention_mask=Non
     state: ReductionState = self._vlmc_state
     reducer = REDUCERS[state.algorithm]
     x = hidden_states
+    if not state.tokens:
+        state.num_tokens_in = x.shape[1]
     if reducer.order_preserving and state.old_to_new is None:
         state.old_to_new = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     if reducer.enter_layer is not None:
@@ -271,45 +286,46 @@ def _text_reset_hook(state: ReductionState):
     return hook
 
 
-def end_of_text_mask(input_ids: torch.Tensor, text: dict[str, Any]) -> torch.Tensor:
+def end_of_text_mask(input_ids: torch.Tensor, text: TextTowerSpec) -> torch.Tensor:
     """`[B, L]` bool, True at the token the text tower pools: the first `eos_token_id` (CLIP), the largest id
     (legacy CLIP configs with `eos_token_id == 2`) or the last position (SigLIP)."""
     b, n = input_ids.shape
-    if text["eot"] == "last":
+    if text.eot == "last":
         index = torch.full((b,), n - 1, device=input_ids.device)
-    elif text["eot"] == "argmax":
+    elif text.eot == "argmax":
         index = input_ids.int().argmax(dim=-1)
     else:
-        index = (input_ids == text["eos_token_id"]).int().argmax(dim=-1)
+        index = (input_ids == text.eos_token_id).int().argmax(dim=-1)
     return F.one_hot(index, n).bool()
 
 
-def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options: dict | None = None) -> Any:
-    """Turn the encoder layers at `tower["layers_path"]` into reducing layers with per-layer `tower["r"]` (or hand
-    the tower to the reducer's own patcher for its `kind`, or for the whole algorithm)."""
+def patch_tower(model: nn.Module, tower: TowerSpec, algorithm: str = "tome", options: dict | None = None) -> Any:
+    """Turn the encoder layers at `tower.layers_path` into reducing layers with per-layer `tower.r` (or hand the
+    tower to the reducer's own patcher for its `kind`, or for the whole algorithm)."""
+    tower = TowerSpec.read(tower)
     if algorithm not in REDUCERS:
         raise ValueError(f"token_reduction.algorithm {algorithm!r} is not supported by this modeling code "
                          f"(supported: {', '.join(REDUCERS)})")
     reducer = REDUCERS[algorithm]
-    if tower.get("kind") is not None:
-        if tower["kind"] not in reducer.tower_kinds:
-            raise ValueError(f"token_reduction tower kind {tower['kind']!r} is not supported by {algorithm}")
-        return reducer.tower_kinds[tower["kind"]](model, tower, options)
+    if tower.kind is not None:
+        if tower.kind not in reducer.tower_kinds:
+            raise ValueError(f"token_reduction tower kind {tower.kind!r} is not supported by {algorithm}")
+        return reducer.tower_kinds[tower.kind](model, tower, options)
     if reducer.patch is not None:
         return reducer.patch(model, tower, options)
-    layers = model.get_submodule(tower["layers_path"])
-    text = tower.get("text")
-    state = ReductionState(algorithm=algorithm, class_token=tower["class_token"],
-                           proportional_attention=tower["proportional_attention"], options=dict(options or {}),
+    layers = model.get_submodule(tower.layers_path)
+    text = tower.text
+    state = ReductionState(algorithm=algorithm, class_token=bool(tower.class_token),
+                           proportional_attention=bool(tower.proportional_attention), options=dict(options or {}),
                            text=text)
-    for i, (layer, r) in enumerate(zip(layers, tower["r"])):
+    for i, (layer, r) in enumerate(zip(layers, tower.r)):
         swap_forward(layer, reducing_layer_forward, "TokenReducing")
         layer._vlmc_state = state
         layer._vlmc_r = int(r)
         layer._vlmc_last = i == len(layers) - 1
         if reducer.setup_layer is not None:
             reducer.setup_layer(layer)
-    hook_path = tower.get("hook_path") or tower["layers_path"].rpartition(".")[0]
+    hook_path = tower.hook_path or tower.layers_path.rpartition(".")[0]
     owner = model.get_submodule(hook_path)
     if getattr(owner, "_vlmc_hook", None) is not None:
         owner._vlmc_hook.remove()
@@ -319,9 +335,35 @@ def patch_tower(model: nn.Module, tower: dict, algorithm: str = "tome", options:
     return state
 
 
-def apply_token_reduction(model: nn.Module, spec: dict | None) -> dict[str, Any]:
-    """Patch every tower named in a checkpoint's `token_reduction` block; returns the state per component."""
-    if not spec:
+def token_sources(model: nn.Module, trace: bool | None = None) -> dict[str, torch.Tensor]:
+    """`{component: [B, N', N0] bool}` after a forward: which input tokens each output token of every reduced tower
+    holds (merge sources, or the kept input positions), from the algorithm's `sources` hook. Call it with
+    `trace=True` before a forward to make the merging algorithms track full source maps (off by default: it costs
+    O(N0) memory per token); it then returns {}."""
+    algorithm, states = getattr(model, "_vlmc_reduction", (None, {}))
+    reducer = REDUCERS.get(algorithm)
+    out = {}
+    for component, state in states.items():
+        if trace is not None:
+            if hasattr(state, "trace_source"):
+                state.trace_source = trace
+            continue
+        sources = None if reducer is None or reducer.sources is None else reducer.sources(state)
+        if sources is not None:
+            out[component] = sources
+    return out
+
+
+def apply_token_reduction(model: nn.Module, spec) -> dict[str, Any]:
+    """Patch every tower named in a checkpoint's `token_reduction` block (a dict or a `TokenReductionSpec`); returns
+    the state per component (also kept on the model, for `token_sources`)."""
+    spec = TokenReductionSpec.read(spec)
+    if spec is None:
         return {}
-    return {tower["component"]: patch_tower(model, tower, spec["algorithm"], spec.get("options"))
-            for tower in spec["towers"]}
+    states = {}
+    for tower in spec.towers:
+        state = patch_tower(model, tower, spec.algorithm, spec.options)
+        if tower.kind is None:
+            states[tower.component] = state
+    model._vlmc_reduction = (spec.algorithm, states)
+    return states

@@ -146,4 +146,14 @@ def merge_tracked(merge: Callable, x: torch.Tensor, state: ReductionState) -> to
     return x
 
 
-REDUCER = register_reducer(Reducer("tome", reduce_tome))
+def bipartite_scoring_flops(n: int, r: int, shape, options: dict) -> int:
+    """FLOPs of `_bipartite_scores` for `n` tokens: `[ceil(n/2), head_dim] @ [head_dim, floor(n/2)]`."""
+    return 2 * ((n + 1) // 2) * (n // 2) * shape.head_dim
+
+
+def merged_sources(state: ReductionState) -> torch.Tensor | None:
+    """`[B, N', N0]` bool: the original tokens each token holds (traced when `state.trace_source` was set)."""
+    return None if state.source is None else state.source > 0
+
+
+REDUCER = register_reducer(Reducer("tome", reduce_tome, sources=merged_sources, scoring_flops=bipartite_scoring_flops))

@@ -31,8 +31,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from .patching import swap_forward
 from .reduction import AttentionInternals, Reducer, ReductionState, register_reducer
+from .spec import TowerSpec
 from .token_ops import do_nothing, gather_tokens
-from .tome import _bipartite_merge, _bipartite_scores, merge_tracked
+from .tome import _bipartite_merge, _bipartite_scores, bipartite_scoring_flops, merge_tracked, merged_sources
 
 KIND = "cross_attention_pruning"
 
@@ -122,17 +123,16 @@ def pruning_encoder_forward(self, hidden_states: torch.Tensor, attention_mask: t
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, past_key_values=None)
 
 
-def patch_cross_attention_pruning(model: nn.Module, tower: dict, options: dict | None = None) -> CrossPruningState:
-    """Make the text encoder at `tower["hook_path"]` (its layers at `tower["layers_path"]`) prune the image tokens
-    between layers; `options` holds `text_step` and `text_min_keep` (Turbo's 0.07 and 0.2 by default)."""
-    options = options or {}
-    state = CrossPruningState(step=float(options.get("text_step", 0.07)),
-                              min_keep=float(options.get("text_min_keep", 0.2)))
-    encoder = model.get_submodule(tower["hook_path"])
+def patch_cross_attention_pruning(model: nn.Module, tower, options: dict) -> CrossPruningState:
+    """Make the text encoder at `tower.hook_path` (its layers at `tower.layers_path`) prune the image tokens
+    between layers; `options` holds `text_step` and `text_min_keep`."""
+    tower = TowerSpec.read(tower)
+    state = CrossPruningState(step=float(options["text_step"]), min_keep=float(options["text_min_keep"]))
+    encoder = model.get_submodule(tower.hook_path)
     for handle in getattr(encoder, "_vlmc_cross_hooks", []):
         handle.remove()
     hooks = []
-    for layer in model.get_submodule(tower["layers_path"]):
+    for layer in model.get_submodule(tower.layers_path):
         hooks.append(layer.crossattention.self.register_forward_hook(_received_hook(state), with_kwargs=True))
     swap_forward(encoder, pruning_encoder_forward, "CrossPruning")
     encoder._vlmc_cross_state = state
@@ -259,15 +259,16 @@ def reduce_turbo(layer, x, internals: AttentionInternals, state: ReductionState,
     if r <= 0:
         return x
     o = state.options
-    weight = turbo_semantic_weight(o.get("alpha", 5.0), o.get("beta", 1.0), o.get("gamma", 0.0), state.merging_layers)
+    weight = turbo_semantic_weight(o["alpha"], o["beta"], o["gamma"], state.merging_layers)
     state.merging_layers += 1
-    if x.shape[1] < o.get("r_threshold", 0):
+    if x.shape[1] < o["r_threshold"]:
         return x
     merge, _ = informativity_soft_matching(internals.keys.mean(dim=1), internals.cls_attention, r, weight,
                                            class_token=state.class_token)
     return merge_tracked(merge, x, state)
 
 
-REDUCER = register_reducer(Reducer("turbo", reduce_turbo, cls_attention=True,
+REDUCER = register_reducer(Reducer("turbo", reduce_turbo, cls_attention=True, sources=merged_sources,
+                                   scoring_flops=bipartite_scoring_flops,
                                    tower_kinds={KIND: patch_cross_attention_pruning},
                                    counted={KIND: ("image", "image tokens read by cross-attention")}))

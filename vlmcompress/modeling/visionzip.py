@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .llava_tokens import feature_layer_internals, place_tokens
+from .llava_tokens import feature_layer_internals, kept_sources, place_tokens
 from .reduction import AttentionInternals, Reducer, ReductionState, register_reducer
 from .token_ops import gather_tokens
 
@@ -92,4 +92,14 @@ def reduce_visionzip(layer, x, internals: AttentionInternals, state: ReductionSt
     return place_tokens(x, source, state)
 
 
-REDUCER = register_reducer(Reducer("visionzip", reduce_visionzip, cls_attention=True, after_mlp=True))
+def visionzip_scoring_flops(n: int, r: int, shape, options: dict) -> int:
+    """FLOPs of the contextual assignment at the feature layer: the patches left after the dominant ones, minus
+    the `contextual` anchors, against the anchors (head-averaged keys)."""
+    remaining = n - 1 - options["dominant"]
+    contextual = options["contextual"]
+    others = remaining - contextual if contextual > 0 else 0
+    return 2 * others * contextual * shape.head_dim
+
+
+REDUCER = register_reducer(Reducer("visionzip", reduce_visionzip, cls_attention=True, after_mlp=True,
+                                   sources=kept_sources, scoring_flops=visionzip_scoring_flops))

@@ -49,13 +49,16 @@ class RunContext:
         default_factory=lambda: {"param_shapes": {}, "module_attrs": {}, "token_reduction": None}
     )
     reports: list[StageReport] = field(default_factory=list)
-    progress: Any = None  # a callable(description: str) supplied by the orchestrator's progress display
+    progress: bool = True  # whether `apply` shows progress (the trainer's display follows it)
     processor: Any = None  # the source model's processor (tokenizer + image processor), when it has one
     # files a stage wrote beside the checkpoint: name inside the output folder → file or folder to copy there
     artifacts: dict[str, Any] = field(default_factory=dict)
     # what users run instead of `model` when a stage produced it (the ONNX Runtime graphs of the onnxruntime
     # backend): accuracy and speed after that stage are measured on it; None: on `model`
     deployed: Any = None
+    # the run's working folder (stage checkpoints, training state) when the run saves, and the running stage
+    work: Any = None
+    stage_index: int = 0
     # the teacher's loader, set by the orchestrator only while a stage that declares `needs_teacher` runs
     teacher_loader: Callable[[], Any] | None = None
     _teacher: Any = field(default=None, repr=False)
@@ -80,16 +83,31 @@ class RunContext:
         """`n` rows of the recipe's `data.<split>` (`train` or `eval`), seeded by the run's seed, in batches of
         `batch_size` rows (`image`, `text`, for shapes also `question` / `answer`): the one way stages read data
         (calibration, gradients, training)."""
-        from ..data import load_rows
+        from ..data import batches, image_size_of
+
+        yield from batches(self._source(split), image_size_of(self.model), self.seed, n, batch_size)
+
+    def rows(self, split: str = "train") -> Callable[[int, int], list[dict]]:
+        """`rows(start, count)` of the recipe's `data.<split>` by index (an endless stream for the built-in world,
+        epochs in a seeded shuffled order otherwise): how the trainer reads its steps, so that a step's rows depend
+        on the step alone."""
+        from ..data import image_size_of, row_stream
+
+        return row_stream(self._source(split), image_size_of(self.model), self.seed, shuffle=True)
+
+    def train_size(self) -> int | None:
+        """`data.train.size`: the samples in a training epoch (None when unset)."""
+        data = self.recipe.data if self.recipe is not None else None
+        return None if data is None or data.train is None else data.train.size
+
+    def _source(self, split: str):
         from ..errors import VlmCompressError
 
         source = getattr(self.recipe.data, split, None) if self.recipe.data is not None else None
         if source is None:
             raise VlmCompressError(f"this stage reads data.{split}, which the recipe does not have; add e.g. "
                                    f"data: {{{split}: {{builtin: shapes, split: {split}, size: 256}}}}")
-        rows = load_rows(source, self.model, self.seed, n)
-        for i in range(0, len(rows), batch_size):
-            yield rows[i:i + batch_size]
+        return source
 
 
 class Stage:

@@ -43,10 +43,10 @@ class LibraryConfig(TorchModelConfig):
         # calibration passes never touch layers that were already recorded
         options, kernels, notes = integration.quantize_linears(ctx.model, groups, self, calibrate)
         for comp, (scheme, _) in groups.items():
-            spec["schemes"][comp] = scheme_entry(self, scheme, options[comp])
+            spec.schemes[comp] = scheme_entry(self, scheme, options[comp])
         for name, kernel in kernels.items():
             install(ctx.model, spec, name, plan[name], qmod.flatten_module(kernel), kernel.in_features,
                     kernel.out_features, notes["dtype"])
         extra = {k: v for k, v in notes.items() if k != "dtype" and v}
-        extra["library_version"] = spec["library_version"] = f"{self.backend} {integration.version()}"
+        extra["library_version"] = spec.library_version = f"{self.backend} {integration.version()}"
         return finish(ctx, self, spec, schemes, extra)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ...errors import VlmCompressError
+from ...modeling.spec import QUANTIZATION_FORMAT, QuantizationSpec, QuantModuleSpec, QuantSchemeSpec
 from ...schema import PluggableStageConfig
 from ...selectors import check_selectors, matches
 from ..base import COMPONENTS, Component, RunContext, Stage, StageConfig, StageReport, count_params
@@ -162,25 +163,25 @@ def plan_modules(model, adapter: Any, config: QuantizeConfig) -> tuple[dict[str,
     return plan, schemes
 
 
-def scheme_entry(config: QuantizeConfig, scheme: str, options: dict[str, Any]) -> dict[str, Any]:
-    return {"backend": config.backend, "scheme": scheme, "options": options,
-            "cpu_speed": config.cpu_speed.get(scheme, "not measured")}
+def scheme_entry(config: QuantizeConfig, scheme: str, options: dict[str, Any]) -> QuantSchemeSpec:
+    return QuantSchemeSpec(backend=config.backend, scheme=scheme, options=options,
+                           cpu_speed=config.cpu_speed.get(scheme, "not measured"))
 
 
-def install(model, spec: dict[str, Any], name: str, scheme_id: str, tensors: dict[str, Any], in_features: int,
+def install(model, spec: QuantizationSpec, name: str, scheme_id: str, tensors: dict[str, Any], in_features: int,
             out_features: int, dtype) -> None:
     """Replace the linear layer `name` by a `QuantizedLinear` holding `tensors` and record it in `spec`."""
     from ...modeling import quantized as qmod
 
-    entry = {"scheme": scheme_id, "in_features": in_features, "out_features": out_features,
-             "dtype": qmod.dtype_name(dtype),
-             "tensors": {k: [list(t.shape), qmod.dtype_name(t.dtype)] for k, t in tensors.items()}}
-    layer = qmod.quantized_layer(spec, entry, device=next(iter(tensors.values())).device)
+    entry = QuantModuleSpec(scheme=scheme_id, in_features=in_features, out_features=out_features,
+                            dtype=qmod.dtype_name(dtype),
+                            tensors={k: [list(t.shape), qmod.dtype_name(t.dtype)] for k, t in tensors.items()})
+    layer = qmod.quantized_layer(spec.schemes[scheme_id], entry, device=next(iter(tensors.values())).device)
     for key, t in tensors.items():
         setattr(layer, qmod.buffer_name(key), t.contiguous())
     layer.build()
     qmod.set_module(model, name, layer)
-    spec["modules"][name] = entry
+    spec.modules[name] = entry
 
 
 def calibration_batches(ctx: RunContext, config: QuantizeConfig) -> Callable[..., None]:
@@ -209,7 +210,7 @@ def calibration_batches(ctx: RunContext, config: QuantizeConfig) -> Callable[...
     return run
 
 
-def start(ctx: RunContext, config: QuantizeConfig) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+def start(ctx: RunContext, config: QuantizeConfig) -> tuple[dict[str, str], dict[str, str], QuantizationSpec]:
     if ctx.compression.get("quantization"):
         raise VlmCompressError("this model is already quantized; start from the unquantized model (quantize is the "
                                "last stage of a recipe and runs once)")
@@ -217,41 +218,38 @@ def start(ctx: RunContext, config: QuantizeConfig) -> tuple[dict[str, str], dict
     if not plan:
         raise VlmCompressError(f"quantize matched no linear layer (components {list(schemes)}, ignore "
                                f"{config.ignore}); check components / overrides / ignore")
-    from ...modeling import quantized as qmod
-
-    spec: dict[str, Any] = {"format_version": qmod.FORMAT_VERSION,
-                            "requested": {"backend": config.backend, "scheme": config.scheme},
-                            "schemes": {}, "modules": {}, "compile": []}
+    spec = QuantizationSpec(format_version=QUANTIZATION_FORMAT,
+                            requested={"backend": config.backend, "scheme": config.scheme})
     return plan, schemes, spec
 
 
-def finish(ctx: RunContext, config: QuantizeConfig, spec: dict[str, Any], schemes: dict[str, str],
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(ctx: RunContext, config: QuantizeConfig, spec: QuantizationSpec, schemes: dict[str, str],
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record the spec, apply `compile`, and return the report details."""
     from ...modeling import quantized as qmod
 
-    used = {e["scheme"] for e in spec["modules"].values()}
-    spec["schemes"] = {k: v for k, v in spec["schemes"].items() if k in used}
+    used = {e.scheme for e in spec.modules.values()}
+    spec.schemes = {k: v for k, v in spec.schemes.items() if k in used}
     if config.wants_compile(schemes):
         # in component order: the order of a set of strings differs between processes
-        spec["compile"] = [ctx.adapter.component_paths[c] for c in spec["schemes"]]
-        qmod.compile_components(ctx.model, spec["compile"])
-        for entry in spec["schemes"].values():
-            entry["cpu_speed"] = config.compiled_cpu_speed.get(entry["scheme"], entry["cpu_speed"])
+        spec.compile = [ctx.adapter.component_paths[c] for c in spec.schemes]
+        qmod.compile_components(ctx.model, spec.compile)
+        for entry in spec.schemes.values():
+            entry.cpu_speed = config.compiled_cpu_speed.get(entry.scheme, entry.cpu_speed)
     if config.scheme == "int8":
-        spec["resolved"] = {"int8": resolve_scheme(config.backend, "int8"),
-                            "why": "the fastest int8 path of this backend measured on CPU (docs/benchmarks.md)"}
-    ctx.compression["quantization"] = spec
+        spec.resolved = {"int8": resolve_scheme(config.backend, "int8"),
+                         "why": "the fastest int8 path of this backend measured on CPU (docs/benchmarks.md)"}
+    ctx.compression["quantization"] = spec.to_dict()
     per_component: dict[str, int] = {}
-    for entry in spec["modules"].values():
-        per_component[entry["scheme"]] = per_component.get(entry["scheme"], 0) + 1
+    for entry in spec.modules.values():
+        per_component[entry.scheme] = per_component.get(entry.scheme, 0) + 1
     details = {"backend": config.backend, "requested_scheme": config.scheme,
                "schemes": {c: s for c, s in schemes.items()},
                "layers_per_component": per_component,
-               "cpu_speed": {c: e["cpu_speed"] for c, e in spec["schemes"].items()},
-               "compile": spec["compile"], "matched": sorted(spec["modules"])}
-    if "resolved" in spec:
-        details["resolved"] = spec["resolved"]
+               "cpu_speed": {c: e.cpu_speed for c, e in spec.schemes.items()},
+               "compile": spec.compile, "matched": sorted(spec.modules)}
+    if spec.resolved is not None:
+        details["resolved"] = spec.resolved
     return details | (extra or {})
 
 

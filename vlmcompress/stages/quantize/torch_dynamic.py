@@ -28,7 +28,7 @@ class TorchDynamicConfig(TorchModelConfig):
 
         plan, schemes, spec = start(ctx, self)
         for comp, scheme in schemes.items():
-            spec["schemes"][comp] = scheme_entry(self, scheme, {"reduce_range": self.reduce_range})
+            spec.schemes[comp] = scheme_entry(self, scheme, {"reduce_range": self.reduce_range})
         for name, comp in plan.items():
             linear = ctx.model.get_submodule(name)
             qdata, scale = qmod.quantize_int8_per_channel(linear.weight)

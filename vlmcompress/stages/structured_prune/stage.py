@@ -134,7 +134,7 @@ class StructuredPruneStage(Stage):
 
     def plan(self, model, adapter) -> dict[str, Any]:
         from ...adapters import get_submodule
-        from ...adapters.base import encoder_gflops
+        from ...measure.estimate import embedding_flops, layer_shapes, mlp_flops, tower_flops
 
         ratios = self.ratios(adapter, model)
         atts, mlps = self.units(model, adapter)
@@ -151,17 +151,16 @@ class StructuredPruneStage(Stage):
         plan["modules"] = len(atts) + len(mlps)
         if "vision" in ratios:
             # FLOPs of the vision encoder at full token count, before and after a uniform cut of the same ratio
-            v_att = [u for u in adapter.attention_units(model) if u.component == "vision"]
-            v_mlp = [u for u in adapter.mlp_units(model) if u.component == "vision"]
             n0 = adapter.vision_tower(model).num_tokens
-            before = encoder_gflops(model, v_att, v_mlp, [n0] * len(v_att))
+            shapes = layer_shapes(model, adapter, "vision")
+            before = tower_flops(model, adapter, "vision", [n0] * len(shapes))
             r_heads = ratios["vision"] if "heads" in self.config.targets else 0.0
             r_mlp = ratios["vision"] if "mlp" in self.config.targets else 0.0
-            mlp_part = sum(2 * n0 * (len(u.up) + 1) * get_submodule(u.module, u.down).in_features *
-                           get_submodule(u.module, u.down).out_features for u in v_mlp) / 1e9
+            mlp_part = sum(mlp_flops(s, n0) for s in shapes)
+            attention_part = before - mlp_part - embedding_flops(model, adapter, "vision")
             # attention FLOPs scale with the heads kept, MLP FLOPs with the neurons kept
-            after = (before - mlp_part) * (1 - r_heads) + mlp_part * (1 - r_mlp)
-            plan["vision_encoder_gflops_estimate"] = [round(before, 4), round(after, 4)]
+            after = before - attention_part * r_heads - mlp_part * r_mlp
+            plan["vision_encoder_gflops_estimate"] = [round(before / 1e9, 4), round(after / 1e9, 4)]
         return plan
 
     def run(self, ctx: RunContext) -> StageReport:

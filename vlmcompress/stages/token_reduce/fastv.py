@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from ...errors import VlmCompressError
+from ...modeling.spec import TokenReductionSpec, TowerSpec
 from .llava import LlavaReductionConfig, image_tokens
 from .stage import register_algorithm
 
@@ -36,7 +37,7 @@ class FastVConfig(LlavaReductionConfig):
         return (f"token_reduce: algorithm fastv drops image tokens inside the language model, not in the {component} "
                 "tower; use components: [llm]")
 
-    def block(self, model, adapter) -> dict[str, Any]:
+    def block(self, model, adapter) -> TokenReductionSpec:
         from ...modeling.token_ops import keep_count
 
         self.check_components(adapter)
@@ -54,13 +55,15 @@ class FastVConfig(LlavaReductionConfig):
         kept = keep_count(n, ratio)
         r = [0] * depth
         r[k - 1] = n - kept
-        tower = {"component": "llm", "layers_path": layers_path, "inputs_path": adapter.component_paths["llm"]
-                 .rpartition(".")[0], "layer": k, "keep_ratio": ratio, "image_token_id": model.config.image_token_id,
-                 "num_tokens": n, "r": r, "tokens_per_layer": [n] * (k - 1) + [kept] * (depth - k + 1)}
-        return {"algorithm": "fastv", "options": {"layer": k, "keep_ratio": ratio}, "towers": [tower]}
+        tower = TowerSpec(component="llm", layers_path=layers_path,
+                          inputs_path=adapter.component_paths["llm"].rpartition(".")[0], layer=k, keep_ratio=ratio,
+                          image_token_id=model.config.image_token_id, num_tokens=n, r=r,
+                          tokens_per_layer=[n] * (k - 1) + [kept] * (depth - k + 1))
+        return TokenReductionSpec(algorithm="fastv", towers=[tower], options={"layer": k, "keep_ratio": ratio},
+                                  variant=self.variant)
 
-    def details(self, block: dict[str, Any]) -> dict[str, Any]:
-        tower = block["towers"][0]
-        return super().details(block) | {"llm_image_tokens": {"entering": tower["num_tokens"],
-                                                              "after_layer_k": tower["tokens_per_layer"][-1],
-                                                              "layer_k": tower["layer"]}}
+    def details(self, block: TokenReductionSpec) -> dict[str, Any]:
+        tower = block.towers[0]
+        return super().details(block) | {"llm_image_tokens": {"entering": tower.num_tokens,
+                                                              "after_layer_k": tower.tokens_per_layer[-1],
+                                                              "layer_k": tower.layer}}

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import model_validator
 
 from ...errors import VlmCompressError
+from ...modeling.spec import TextTowerSpec, TokenReductionSpec, TowerSpec
 from .stage import TokenReduceConfig
 
 
@@ -43,7 +44,7 @@ class LayerwiseConfig(TokenReduceConfig):
                                    "[vision]")
         return tower
 
-    def tower_entry(self, component: str, tower, model) -> dict[str, Any]:
+    def tower_entry(self, component: str, tower, model) -> TowerSpec:
         """The checkpoint entry of one reduced tower: per-layer `r` (as applied and as requested) and tokens."""
         from ...modeling.token_ops import parse_r, r_for_keep_ratio, token_schedule
 
@@ -59,38 +60,32 @@ class LayerwiseConfig(TokenReduceConfig):
         except (ValueError, TypeError) as e:
             raise VlmCompressError(f"token_reduce.r: {e}") from None
         effective, tokens = token_schedule(tower.num_tokens, requested, protected, self.min_tokens())
-        entry = {"component": component, "layers_path": tower.layers_path, "r": effective,
-                 "requested_r": requested, "class_token": tower.class_token,
-                 "proportional_attention": self.proportional_attention, "num_tokens": tower.num_tokens,
-                 "tokens_per_layer": tokens}
-        if tower.text is not None:
-            entry |= {"text": tower.text, "hook_path": tower.hook_path}
-        return entry
+        text = None if tower.text is None else TextTowerSpec.from_dict(tower.text)
+        return TowerSpec(component=component, layers_path=tower.layers_path, r=effective, requested_r=requested,
+                         class_token=tower.class_token, proportional_attention=self.proportional_attention,
+                         num_tokens=tower.num_tokens, tokens_per_layer=tokens, text=text,
+                         hook_path=tower.hook_path if text is not None else None)
 
-    def block(self, model, adapter) -> dict[str, Any]:
+    def block(self, model, adapter) -> TokenReductionSpec:
         self.check_components(adapter)
         towers = [self.tower_entry(c, self.tower_for(c, model, adapter), model)
                   for c in dict.fromkeys(self.components)]
-        return {"algorithm": self.algorithm, "options": self.algorithm_options(), "towers": towers}
+        return self.spec(towers)
 
     def plan(self, model, adapter) -> dict[str, Any]:
         plan: dict[str, Any] = {"algorithm": self.algorithm}
-        for s in self.block(model, adapter)["towers"]:
+        for s in self.block(model, adapter).towers:
             plan |= self.plan_tower(s, model, adapter)
         return plan
 
-    def plan_tower(self, s: dict[str, Any], model, adapter) -> dict[str, Any]:
+    def plan_tower(self, s: TowerSpec, model, adapter) -> dict[str, Any]:
         """Tokens per layer, clamped layers and the tower's GFLOPs estimate before / after, for one entry."""
-        from ...adapters.base import encoder_gflops
+        from ...measure.estimate import tower_gflops
 
-        n0 = s["num_tokens"]
-        units = [u for u in adapter.attention_units(model) if u.component == s["component"]]
-        mlps = [u for u in adapter.mlp_units(model) if u.component == s["component"]]
-        tokens_in = [n0, *s["tokens_per_layer"][:-1]]
-        before = encoder_gflops(model, units, mlps, [n0] * len(tokens_in))
-        after = encoder_gflops(model, units, mlps, tokens_in)
-        clamped = [i for i, (a, b) in enumerate(zip(s["r"], s["requested_r"])) if a < b]
-        prefix = "" if s["component"] == "vision" else f"{s['component']}_"
-        return {f"{prefix}tokens": [n0, s["tokens_per_layer"][-1]],
-                f"{prefix}tokens_per_layer": s["tokens_per_layer"], f"{prefix}clamped_layers": clamped,
-                f"{s['component']}_encoder_gflops_estimate": [round(before, 4), round(after, 4)]}
+        before = tower_gflops(model, adapter, s.component, [s.num_tokens] * len(s.r))
+        after = tower_gflops(model, adapter, s.component, s.tokens_in, reducing=s, algorithm=self.algorithm,
+                             options=self.algorithm_options())
+        prefix = "" if s.component == "vision" else f"{s.component}_"
+        return {f"{prefix}tokens": [s.num_tokens, s.tokens_per_layer[-1]],
+                f"{prefix}tokens_per_layer": s.tokens_per_layer, f"{prefix}clamped_layers": s.clamped,
+                f"{s.component}_encoder_gflops_estimate": [round(before, 4), round(after, 4)]}

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import model_validator
 
 from ...errors import VlmCompressError
+from ...modeling.spec import TokenReductionSpec, TowerSpec
 from .stage import TokenReduceConfig
 
 PROMPT_TEXT_TOKENS = 32  # text tokens of the prompt in GFLOPs estimates (as `vlmcompress bench`'s prefill)
@@ -43,12 +44,14 @@ def check_family(algorithm: str, adapter) -> None:
 
 def feature_layer(model) -> int:
     """Index of the vision encoder layer whose output LLaVA hands to the projector."""
-    config = model.config
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
+    from ...modeling.llava_tokens import feature_layer_index
+
+    try:
+        applied = feature_layer_index(model.config)
+    except ValueError:
         raise VlmCompressError(f"token_reduce: this model concatenates several vision feature layers "
-                               f"({layer}); visionzip and prumerge need a single int vision_feature_layer")
-    applied = layer % (config.vision_config.num_hidden_layers + 1)  # hidden_states[0] is the embedding output
+                               f"({model.config.vision_feature_layer}); visionzip and prumerge need a single int "
+                               "vision_feature_layer") from None
     if applied == 0:
         raise VlmCompressError("token_reduce: vision_feature_layer selects the patch embeddings, before any encoder "
                                "layer; visionzip and prumerge reduce an encoder layer's output")
@@ -57,9 +60,9 @@ def feature_layer(model) -> int:
 
 def image_tokens(model) -> int:
     """Image tokens per image in the language model's input (patches, plus CLS with the "full" strategy)."""
-    vision = model.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (0 if model.config.vision_feature_select_strategy == "default" else 1)
+    from ...modeling.llava_tokens import image_tokens_per_image
+
+    return image_tokens_per_image(model.config)
 
 
 class LlavaReductionConfig(TokenReduceConfig):
@@ -85,16 +88,16 @@ class LlavaReductionConfig(TokenReduceConfig):
     def plan(self, model, adapter) -> dict[str, Any]:
         return plan(self, model, adapter)
 
-    def details(self, block: dict[str, Any]) -> dict[str, Any]:
+    def details(self, block: TokenReductionSpec) -> dict[str, Any]:
         details = super().details(block)
-        tower = block["towers"][0]
-        if block.get("data_dependent"):
+        tower = block.towers[0]
+        if block.data_dependent:
             details["data_dependent"] = ("adaptive: the number of image tokens is chosen per batch at run time (IQR "
-                                         f"outliers of the CLS attention); at most {tower['num_tokens']} per image")
+                                         f"outliers of the CLS attention); at most {tower.num_tokens} per image")
         return details
 
 
-def vision_block(cfg, model, adapter, options: dict[str, Any], after: int | None) -> dict[str, Any]:
+def vision_block(cfg, model, adapter, options: dict[str, Any], after: int | None) -> TokenReductionSpec:
     """The block of a reduction at the output of the feature layer: `after` tokens from there on (None: chosen
     per batch, at most all of them)."""
     tower = adapter.vision_tower(model)
@@ -105,51 +108,42 @@ def vision_block(cfg, model, adapter, options: dict[str, Any], after: int | None
     after = n if data_dependent else after
     r = [0] * len(layers)
     r[f] = 0 if data_dependent else max(0, n - after)
-    vision = {"component": "vision", "layers_path": tower.layers_path, "r": r, "requested_r": list(r),
-              "class_token": True, "proportional_attention": False, "num_tokens": n,
-              "tokens_per_layer": [n] * f + [after] * (len(layers) - f)}
-    block = {"algorithm": cfg.algorithm, "options": options, "towers": [vision]}
-    if data_dependent:
-        block["data_dependent"] = True
-        vision["data_dependent"] = True
-    return block
+    vision = TowerSpec(component="vision", layers_path=tower.layers_path, r=r, requested_r=list(r), class_token=True,
+                       proportional_attention=False, num_tokens=n,
+                       tokens_per_layer=[n] * f + [after] * (len(layers) - f), data_dependent=data_dependent)
+    return TokenReductionSpec(algorithm=cfg.algorithm, towers=[vision], options=options, variant=cfg.variant,
+                              data_dependent=data_dependent)
 
 
 def plan(cfg, model, adapter) -> dict[str, Any]:
     """Tokens at the reduction point and GFLOPs estimates (one image + a 32-token prompt) before / after."""
-    from ...adapters.base import encoder_gflops
+    from ...measure.estimate import tower_gflops
 
     block = cfg.block(model, adapter)
-    tower = block["towers"][0]
+    tower = block.towers[0]
     n_image = image_tokens(model)
-    drop_cls = n_image == tower["num_tokens"] - 1 if tower["component"] == "vision" else False
-    llm_units = [u for u in adapter.attention_units(model) if u.component == "llm"]
-    llm_mlps = [u for u in adapter.mlp_units(model) if u.component == "llm"]
     text = PROMPT_TEXT_TOKENS
-    if tower["component"] == "llm":
-        llm_before = [n_image + text] * len(llm_units)
-        llm_after = [t + text for t in [n_image, *tower["tokens_per_layer"][:-1]]]  # entering each layer
+    llm_layers = len(model.get_submodule(adapter.component_paths["llm"] + ".layers"))
+    llm_before = tower_gflops(model, adapter, "llm", [n_image] * llm_layers, extra_tokens=text)
+    if tower.component == "llm":
+        llm_after = tower_gflops(model, adapter, "llm", tower.tokens_in, reducing=tower, algorithm=block.algorithm,
+                                 options=block.options, extra_tokens=text)
         vision_gflops = None
     else:
-        after_image = tower["tokens_per_layer"][block["options"]["layer"]] - int(drop_cls)
-        llm_before = [n_image + text] * len(llm_units)
-        llm_after = [after_image + text] * len(llm_units)
-        units = [u for u in adapter.attention_units(model) if u.component == "vision"]
-        mlps = [u for u in adapter.mlp_units(model) if u.component == "vision"]
-        n0 = tower["num_tokens"]
-        tokens_in = [n0, *tower["tokens_per_layer"][:-1]]
-        vision_gflops = [round(encoder_gflops(model, units, mlps, [n0] * len(units)), 4),
-                         round(encoder_gflops(model, units, mlps, tokens_in), 4)]
-    llm_gflops = [round(encoder_gflops(model, llm_units, llm_mlps, llm_before), 4),
-                  round(encoder_gflops(model, llm_units, llm_mlps, llm_after), 4)]
-    out = {"algorithm": block["algorithm"], "options": block["options"], "component": tower["component"],
-           "tokens": [tower["num_tokens"], tower["tokens_per_layer"][-1]],
-           "tokens_per_layer": tower["tokens_per_layer"], "clamped_layers": [], "llm_prefill_gflops_estimate": llm_gflops,
-           "data_dependent": bool(block.get("data_dependent"))}
+        drop_cls = n_image == tower.num_tokens - 1
+        after_image = tower.tokens_per_layer[block.options["layer"]] - int(drop_cls)
+        llm_after = tower_gflops(model, adapter, "llm", [after_image] * llm_layers, extra_tokens=text)
+        n0 = tower.num_tokens
+        vision_gflops = [round(tower_gflops(model, adapter, "vision", [n0] * len(tower.r)), 4),
+                         round(tower_gflops(model, adapter, "vision", tower.tokens_in, reducing=tower,
+                                            algorithm=block.algorithm, options=block.options), 4)]
+    out = {"algorithm": block.algorithm, "options": block.options, "component": tower.component,
+           "tokens": [tower.num_tokens, tower.tokens_per_layer[-1]],
+           "tokens_per_layer": tower.tokens_per_layer, "clamped_layers": [],
+           "llm_prefill_gflops_estimate": [round(llm_before, 4), round(llm_after, 4)],
+           "data_dependent": block.data_dependent}
     if vision_gflops is not None:
         out["vision_encoder_gflops_estimate"] = vision_gflops
-    if block.get("data_dependent"):  # the "after" figures are upper bounds
-        out["tokens"] = [tower["num_tokens"], f"at most {tower['num_tokens']}, chosen per batch at run time"]
+    if block.data_dependent:  # the "after" figures are upper bounds
+        out["tokens"] = [tower.num_tokens, f"at most {tower.num_tokens}, chosen per batch at run time"]
     return out
-
-

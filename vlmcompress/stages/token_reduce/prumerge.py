@@ -7,10 +7,11 @@ PruMerge+ (a uniform stride of patches added, about three per outlier). Runtime:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ...modeling.spec import TokenReductionSpec
 from .llava import LlavaReductionConfig, feature_layer, vision_block
 from .stage import NonNegInt, register_algorithm
 
@@ -41,7 +42,7 @@ class PruMergeConfig(LlavaReductionConfig):
             raise ValueError("prumerge mode: fixed needs keep_ratio (the fraction of image tokens kept)")
         return self
 
-    def block(self, model, adapter) -> dict[str, Any]:
+    def block(self, model, adapter) -> TokenReductionSpec:
         from ...modeling.token_ops import keep_count
 
         self.check_components(adapter)

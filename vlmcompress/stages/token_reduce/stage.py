@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_serializer
 
 from ...errors import VlmCompressError
+from ...modeling.spec import FIRST_VARIANT, TokenReductionSpec, TowerSpec
 from ...schema import PluggableStageConfig
 from ..base import RunContext, Stage, StageConfig, StageReport, count_params
 
@@ -46,6 +47,8 @@ class TokenReduceConfig(PluggableStageConfig):
     # what an algorithm declares (class attributes, not recipe keys)
     towers: ClassVar[tuple[str, ...]] = ("vision",)  # components it can reduce
     knobs: ClassVar[tuple[str, ...]] = ()  # its own keys, saved in the checkpoint block's `options`
+    # the version of its computation this code runs (raised by a change of what it computes; see modeling/spec.py)
+    variant: ClassVar[int] = FIRST_VARIANT
     # its runtime half: a dotted module (the built-ins: `vlmcompress.modeling.<name>`), or a plug-in's flat file,
     # loaded as part of vlmcompress's modeling package so that its `from .reduction import ...` resolves
     modeling_module: ClassVar[str] = ""
@@ -72,24 +75,30 @@ class TokenReduceConfig(PluggableStageConfig):
 
     # the planner: every algorithm implements `block`; `plan` and `details` have defaults in the layer-wise base
 
-    def block(self, model, adapter) -> dict[str, Any]:
-        """The checkpoint's `token_reduction` block: `{"algorithm", "options", "towers": [...]}` (shapes only)."""
+    def block(self, model, adapter) -> TokenReductionSpec:
+        """The checkpoint's `token_reduction` block (shapes only): `self.spec(towers)` with one `TowerSpec` per
+        reduced tower."""
         raise NotImplementedError
+
+    def spec(self, towers: list[TowerSpec], **extra: Any) -> TokenReductionSpec:
+        """The typed block of this algorithm with `towers`, its options and the variant it computes."""
+        return TokenReductionSpec(algorithm=self.algorithm, towers=towers, options=self.algorithm_options(),
+                                  variant=self.variant, **extra)
 
     def plan(self, model, adapter) -> dict[str, Any]:
         """What `validate` / `--dry-run` show: tokens per layer and GFLOPs estimates before / after."""
         raise NotImplementedError
 
-    def details(self, block: dict[str, Any]) -> dict[str, Any]:
+    def details(self, block: TokenReductionSpec) -> dict[str, Any]:
         """The report's details for the applied `block` (tokens per layer per tower, clamped layers)."""
         towers = {}
-        for tower in block["towers"]:
-            clamped = {str(i): {"requested": b, "applied": a}
-                       for i, (a, b) in enumerate(zip(tower["r"], tower.get("requested_r", tower["r"]))) if a < b}
-            towers[tower["component"]] = {"r": tower["r"], "clamped": clamped,
-                                          "tokens_per_layer": [tower["num_tokens"], *tower["tokens_per_layer"]]}
-        first = towers[block["towers"][0]["component"]]
-        return {"algorithm": block["algorithm"], "options": block["options"], "towers": towers, "r": first["r"],
+        for tower in block.towers:
+            requested = tower.requested_r or tower.r
+            clamped = {str(i): {"requested": requested[i], "applied": tower.r[i]} for i in tower.clamped}
+            towers[tower.component] = {"r": tower.r, "clamped": clamped,
+                                       "tokens_per_layer": [tower.num_tokens, *tower.tokens_per_layer]}
+        first = towers[block.towers[0].component]
+        return {"algorithm": block.algorithm, "options": block.options, "towers": towers, "r": first["r"],
                 "tokens_per_layer": first["tokens_per_layer"], "clamped": first["clamped"]}
 
 
@@ -159,8 +168,8 @@ class TokenReduceStage(Stage):
             raise VlmCompressError("the model already has token reduction; use one token_reduce stage per model")
         block = self.config.block(ctx.model, ctx.adapter)
         apply_token_reduction(ctx.model, block)
-        ctx.compression["token_reduction"] = block
+        ctx.compression["token_reduction"] = block.to_dict()
         params = count_params(ctx.model)
-        return StageReport(method="token_reduce", matched=[t["layers_path"] for t in block["towers"]],
+        return StageReport(method="token_reduce", matched=[t.layers_path for t in block.towers],
                            params_before=params, params_after=count_params(ctx.model),
                            details=self.config.details(block))

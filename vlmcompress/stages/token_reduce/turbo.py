@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ...errors import VlmCompressError
+from ...modeling.spec import TokenReductionSpec, TowerSpec
 from .layerwise import LayerwiseConfig
 from .stage import NonNegInt, register_algorithm
 
@@ -47,7 +48,7 @@ class TurboConfig(LayerwiseConfig):
                                    "cross-attention); use components: [vision]")
         return tower
 
-    def block(self, model, adapter) -> dict[str, Any]:
+    def block(self, model, adapter) -> TokenReductionSpec:
         self.check_components(adapter)
         towers, cross = [], []
         for component in dict.fromkeys(self.components):
@@ -57,12 +58,12 @@ class TurboConfig(LayerwiseConfig):
             else:
                 towers.append(self.tower_entry(component, tower, model))
         for tower in cross:
-            vision = [e for e in towers if e["component"] == "vision"]
-            n0 = vision[0]["tokens_per_layer"][-1] if vision else tower.num_tokens
+            vision = [e for e in towers if e.component == "vision"]
+            n0 = vision[0].tokens_per_layer[-1] if vision else tower.num_tokens
             towers.append(self.cross_pruning_entry(model, tower, n0))
-        return {"algorithm": self.algorithm, "options": self.algorithm_options(), "towers": towers}
+        return self.spec(towers)
 
-    def cross_pruning_entry(self, model, tower, num_tokens: int) -> dict[str, Any]:
+    def cross_pruning_entry(self, model, tower, num_tokens: int) -> TowerSpec:
         """The checkpoint entry of the image-token pruning in a text encoder: `num_tokens` image tokens enter, the
         counts after each layer follow `cross_attention_keep_counts`, except after the last layer (nothing reads
         them)."""
@@ -73,11 +74,11 @@ class TurboConfig(LayerwiseConfig):
         keep = keep[:num_layers - 1]
         tokens = [*keep, keep[-1] if keep else num_tokens]
         r = [a - b for a, b in zip([num_tokens, *tokens], tokens)]
-        return {"component": "text", "kind": KIND, "layers_path": tower.layers_path, "hook_path": tower.hook_path,
-                "r": r, "requested_r": r, "class_token": True, "num_tokens": num_tokens, "tokens_per_layer": tokens}
+        return TowerSpec(component="text", kind=KIND, layers_path=tower.layers_path, hook_path=tower.hook_path, r=r,
+                         requested_r=r, class_token=True, num_tokens=num_tokens, tokens_per_layer=tokens)
 
-    def plan_tower(self, s: dict[str, Any], model, adapter) -> dict[str, Any]:
-        if s.get("kind") is not None:  # the text encoder's image tokens
-            return {"text_image_tokens": [s["num_tokens"], s["tokens_per_layer"][-1]],
-                    "text_image_tokens_per_layer": s["tokens_per_layer"]}
+    def plan_tower(self, s: TowerSpec, model, adapter) -> dict[str, Any]:
+        if s.kind is not None:  # the text encoder's image tokens
+            return {"text_image_tokens": [s.num_tokens, s.tokens_per_layer[-1]],
+                    "text_image_tokens_per_layer": s.tokens_per_layer}
         return super().plan_tower(s, model, adapter)

@@ -7,11 +7,12 @@ setting. Default: VisionZip's default 191 + 30 of 576 patches, scaled to the tow
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from ...errors import VlmCompressError
+from ...modeling.spec import TokenReductionSpec
 from .llava import LlavaReductionConfig, feature_layer, vision_block
 from .stage import NonNegInt, register_algorithm
 
@@ -56,7 +57,7 @@ class VisionZipConfig(LlavaReductionConfig):
                                    f"tower has {patches} patches; keep between 1 and {patches} tokens")
         return {"dominant": dominant, "contextual": contextual}
 
-    def block(self, model, adapter) -> dict[str, Any]:
+    def block(self, model, adapter) -> TokenReductionSpec:
         self.check_components(adapter)
         patches = adapter.vision_tower(model).num_tokens - 1
         options = {"layer": feature_layer(model), **self.counts(patches), "keep_positions": bool(self.keep_positions)}

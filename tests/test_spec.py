@@ -1,0 +1,118 @@
+"""The typed checkpoint records (`modeling/spec.py`): what is written is what is read back, version 1 blocks read as
+variant 1, and a record that breaks its schema is refused with a line that says which key and why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vlmcompress
+from vlmcompress.adapters import BUILTIN_TINY
+from vlmcompress.modeling.reduction import token_sources
+from vlmcompress.modeling.spec import (
+    FORMAT_VERSION,
+    CheckpointRecord,
+    QuantizationSpec,
+    SpecError,
+    TokenReductionSpec,
+    token_reduction,
+)
+
+
+def tome_block():
+    return {"algorithm": "tome", "options": {}, "towers": [
+        {"component": "vision", "layers_path": "vision_model.encoder.layers", "r": [8, 8], "requested_r": [8, 8],
+         "class_token": True, "proportional_attention": True, "num_tokens": 65, "tokens_per_layer": [57, 49]}]}
+
+
+def test_a_version_1_block_reads_as_variant_1_and_round_trips():
+    block = tome_block()
+    spec = TokenReductionSpec.read(block)
+    assert spec.variant == 1 and spec.tower("vision").tokens_in == [65, 57] and spec.tower("text") is None
+    assert spec.to_dict() == block | {"variant": 1}
+    assert TokenReductionSpec.read(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda b: b["towers"][0].update(forward="os.system"), "unknown key(s) ['forward']"),
+    (lambda b: b["towers"][0].update(num_tokens="65"), "token_reduction.towers[0].num_tokens must be int"),
+    (lambda b: b["towers"][0].pop("layers_path"), "lacks the key 'layers_path'"),
+    (lambda b: b.update(towers={"a": 1}), "token_reduction.towers must be list"),
+])
+def test_a_broken_block_is_refused_with_the_key(edit, words):
+    block = tome_block()
+    edit(block)
+    with pytest.raises(SpecError) as e:
+        TokenReductionSpec.read(block)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_newer_formats_and_bad_shape_records_are_refused():
+    with pytest.raises(SpecError, match="version 3, newer"):
+        CheckpointRecord.read({"format_version": FORMAT_VERSION + 1})
+    with pytest.raises(SpecError, match="param_shapes"):
+        CheckpointRecord.read({"format_version": 2, "param_shapes": {"a.weight": ["__class__"]}})
+    with pytest.raises(SpecError, match="quantization format is version 2"):
+        QuantizationSpec.read({"format_version": 2})
+
+
+def test_a_new_checkpoint_writes_format_2_with_variants_and_loads(tmp_path):
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "tiny-clip", "output": str(out),
+                       "stages": [{"method": "token_reduce", "algorithm": "turbo", "r": 4},
+                                  {"method": "quantize", "backend": "torch", "scheme": "int8_dynamic"}]},
+                      BUILTIN_TINY["tiny-clip"].tiny_model(0), progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vlmcompress"]["format_version"] == 2 == FORMAT_VERSION
+    assert config["token_reduction"]["variant"] == 1
+    assert set(QuantizationSpec.read(config["quantization"]).schemes) == {"vision", "text"}
+    assert token_reduction(vlmcompress.load(out).config).options["alpha"] == 5.0
+
+
+def test_a_hand_edited_config_fails_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "tiny-clip", "output": str(out), "stages": [{"method": "token_reduce", "r": 4}]},
+                      BUILTIN_TINY["tiny-clip"].tiny_model(0), progress=False)
+    config = json.loads((out / "config.json").read_text())
+    config["token_reduction"]["towers"][0]["r"] = "8"
+    (out / "config.json").write_text(json.dumps(config))
+    run = subprocess.run([sys.executable, "-m", "vlmcompress", "inspect", str(out)], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "token_reduction.towers[0].r must be list" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize("name,stage,merging", [
+    ("tiny-clip", {"algorithm": "tome", "r": 6}, True),
+    ("tiny-clip", {"algorithm": "turbo", "r": 6}, True),
+    ("tiny-clip", {"algorithm": "crossget", "r": 6}, True),
+    ("tiny-llava", {"algorithm": "visionzip", "keep_ratio": 0.4}, False),
+    ("tiny-llava", {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": 0.3}, False),
+    ("tiny-llava", {"algorithm": "fastv", "layer": 1, "keep_ratio": 0.25}, False),
+])
+def test_every_reducer_says_which_input_tokens_each_output_token_holds(name, stage, merging, tmp_path):
+    adapter = BUILTIN_TINY[name]
+    recipe = {"model": name, "output": str(tmp_path / "out"), "stages": [{"method": "token_reduce", **stage}]}
+    model = vlmcompress.apply(recipe, adapter.tiny_model(0), progress=False).eval()
+    inputs = adapter.example_inputs(model, batch_size=2)
+    token_sources(model, trace=True)
+    with torch.no_grad():
+        model(**inputs)
+    sources = token_sources(model)
+    tower = token_reduction(model.config).towers[0]
+    got = sources[tower.component]
+    n_out = tower.tokens_per_layer[-1] if tower.component != "llm" else got.shape[1]
+    assert got.dtype == torch.bool and got.shape[0] == 2 and got.shape[1] == n_out
+    if merging:  # every input token ends up in exactly one output token; the class token stays alone at 0
+        assert got.shape[2] == tower.num_tokens
+        assert (got.sum(dim=1) == 1).all() and got[:, 0, 0].all() and got[:, 0].sum() == 2
+    else:  # every output token stands at one input position, each position taken once
+        assert (got.sum(dim=2) == 1).all() and (got.sum(dim=1) <= 1).all()
+    if tower.component == "llm":  # FastV keeps every text token and the chosen image tokens
+        image = inputs["input_ids"] == model.config.image_token_id
+        kept_image = (got.float() @ image[..., None].float())[..., 0].sum(dim=1)
+        assert (kept_image == tower.tokens_per_layer[-1]).all()

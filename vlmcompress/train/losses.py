@@ -1,0 +1,33 @@
+"""Distillation losses shared by the training stages (pure functions of logits; the task losses live with their
+family in `adapters/`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) ‖ softmax(student / T)) · T², averaged over rows (Hinton et al.'s soft targets).
+
+    Args:
+        student, teacher: `[N, C]` logits (rows are distributions over C classes / candidates / tokens).
+    Returns:
+        A scalar, 0 exactly when the rows' softmaxes agree, positive otherwise; the T² keeps its gradient scale
+        independent of the temperature.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def logit_distillation(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                       temperature: float) -> torch.Tensor:
+    """The mean of `kl_rows` over the named logits both models produced (a family's similarity rows, its ITM head,
+    its answer tokens)."""
+    names = [k for k in student if k in teacher]
+    if not names:
+        raise ValueError("the student and the teacher share no logits to distil")
+    return sum(kl_rows(student[k], teacher[k], temperature) for k in names) / len(names)
