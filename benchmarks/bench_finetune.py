@@ -37,6 +37,27 @@ VARIANTS = {
     "lora": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS}},
     "lora_distill": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
                      "teacher": "original", "loss": {"task": 1.0, "logits": 1.0}},
+    "lora_distill_only": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
+                          "teacher": "original", "loss": {"task": 0.0, "logits": 1.0}},
+    "lora_lr2e-3_distill": {"train": {"lr": 2e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
+                            "teacher": "original", "loss": {"task": 1.0, "logits": 1.0}},
+    "lora_vision_distill": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS[:1]},
+                            "teacher": "original", "loss": {"task": 1.0, "logits": 1.0}},
+    "lora_r32_distill": {"train": {"lr": 1e-3}, "lora": {"r": 32, "alpha": 64, "targets": LORA_TARGETS},
+                         "teacher": "original", "loss": {"task": 1.0, "logits": 1.0}},
+    "lora_distill_t4": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
+                        "teacher": "original", "loss": {"task": 1.0, "logits": 1.0, "temperature": 4.0}},
+    "lora_distill_x4": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
+                        "teacher": "original", "loss": {"task": 1.0, "logits": 4.0}},
+    "full_vision_distill": {"train": {"lr": 3e-4}, "trainable": [r"re:vision_model\..*"], "teacher": "original",
+                            "loss": {"task": 1.0, "logits": 1.0}},
+    "lora_distill_x4_t4": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
+                           "teacher": "original", "loss": {"task": 1.0, "logits": 4.0, "temperature": 4.0}},
+    "lora_distill_x8": {"train": {"lr": 1e-3}, "lora": {"r": 16, "alpha": 32, "targets": LORA_TARGETS},
+                        "teacher": "original", "loss": {"task": 1.0, "logits": 8.0}},
+    # the quickstart's loss (task + 4 × logits at T = 4) with all parameters trained, for the full-vs-LoRA row
+    "full_distill_x4_t4": {"train": {"lr": 3e-4}, "teacher": "original",
+                           "loss": {"task": 1.0, "logits": 4.0, "temperature": 4.0}},
 }
 
 
@@ -45,7 +66,7 @@ def recipe_for(base: dict, variant: dict | None, steps: int, batch_size: int, ou
     recipe["data"] = dict(recipe["data"]) | {"train": {"builtin": "shapes", "split": "train"}}
     if variant is not None:
         stage = {"method": "finetune", **copy.deepcopy(variant)}
-        stage["train"] = {"steps": steps, "batch_size": batch_size, "warmup": 0.1} | stage["train"]
+        stage["train"] = {"batch_size": batch_size, "warmup": 0.1} | stage["train"] | {"steps": steps}
         recipe["stages"] = recipe["stages"] + [stage]
     return recipe
 
@@ -53,9 +74,10 @@ def recipe_for(base: dict, variant: dict | None, steps: int, batch_size: int, ou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
-    parser.add_argument("--variants", default="none,full,full_distill,lora,lora_distill")
+    parser.add_argument("--variants", default="none,full_distill_x4_t4,quickstart")
     parser.add_argument("--steps", default="150", help="comma-separated step budgets")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--importance", default=None, help="override the prune stage's importance (magnitude, taylor)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--work", default="/tmp/vlmcompress-bench-finetune")
     args = parser.parse_args()
@@ -64,8 +86,16 @@ def main() -> None:
     from vlmcompress.measure.machine import machine_info
 
     base = yaml.safe_load(Path(args.recipe).read_text())
+    own = [s for s in base["stages"] if s["method"] == "finetune"]
+    if own:  # `quickstart`: the recipe's own finetune stage (its steps set by --steps)
+        stage = {k: v for k, v in own[0].items() if k != "method"}
+        VARIANTS["quickstart"] = stage | {"train": {k: v for k, v in stage["train"].items() if k != "steps"}}
     base["stages"] = [s for s in base["stages"] if s["method"] != "finetune"]
+    if args.importance:
+        base["stages"] = [s | {"importance": args.importance} if s["method"] == "structured_prune" else s
+                          for s in base["stages"]]
     results = {"machine": machine_info(torch.device("cpu")), "recipe": args.recipe, "batch_size": args.batch_size,
+               "importance": args.importance,
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": []}
     for name in args.variants.split(","):
         for steps in ([0] if name == "none" else [int(s) for s in args.steps.split(",")]):

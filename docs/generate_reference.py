@@ -5,6 +5,7 @@ tests/test_docs.py checks that the committed file matches what this script write
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -44,6 +45,13 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def _models_in(t) -> list[type[BaseModel]]:
+    """The schema classes inside an annotation (`TrainConfig`, `LoraConfig | None`), stages excluded."""
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return [] if t.__name__ == "StageConfig" else [t]
+    return [m for a in typing.get_args(t) for m in _models_in(a)]
+
+
 def _table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
@@ -51,7 +59,8 @@ def _table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
             continue
         default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
         kind = _type_name(field.annotation)
-        rows.append(f"| `{name}` | `{kind}` | {default} | {field.description or ''} |")
+        description = (field.description or "").replace("|", "\\|")  # a | would end the table cell
+        rows.append(f"| `{name}` | `{kind}` | {default} | {description} |")
     return rows
 
 
@@ -66,6 +75,10 @@ def render() -> str:
     for entry in list_methods():
         lines += [f"### `method: {entry.name}`", "", entry.config_cls.__doc__.strip(), "",
                   *_table(entry.config_cls), ""]
+        for name, field in entry.config_cls.model_fields.items():  # nested blocks (`train:`, `lora:`, ...)
+            for block in _models_in(field.annotation):
+                lines += [f"#### `{entry.name}.{name}` ({block.__name__})", "", inspect.cleandoc(block.__doc__ or ""), "",
+                          *_table(block), ""]
         choices = entry.config_cls.choices()
         if choices is None:
             continue

@@ -44,5 +44,6 @@ def test_a_display_inside_another_is_a_line_of_it():
         with Progress("finetune", total=3, unit="steps", stream=out, rich=True) as inner:
             assert inner._bar is outer._bar  # no second live display (rich refuses one)
             inner.update(advance=3, loss=0.1)
+            assert [t.description for t in outer._bar.tasks] == ["apply", "finetune"]
+        assert [t.description for t in outer._bar.tasks] == ["apply"]  # the inner line is gone with its work
         outer.update(advance=2)
-    assert "finetune" in out.getvalue()

@@ -78,6 +78,10 @@ def apply(
 
     hf_logging.disable_progress_bar()  # our own progress display covers saving
     model = run_apply(recipe, output=output, resume=resume, overwrite=overwrite, progress=True)
+    from .orchestrator import is_main_process
+
+    if not is_main_process():
+        return  # one of several processes: the main one writes and reports
     report = model.vlmcompress_report
     out = output or model_output(recipe)
     console.print(f"[green]wrote[/green] {out}: parameters {report['params_before']:,} → {report['params_after']:,} "
@@ -89,6 +93,15 @@ def apply(
         metric = "recall@1" if "recall@1" in before else next(iter(before))
         console.print(f"  {metric}: {before[metric]:.4f} → {after[metric]:.4f} "
                       f"({(after[metric] - before[metric]) * 100:+.2f} points)", highlight=False)
+        trail = [f"{s['method']} {s['details']['accuracy']['after'][metric]:.4f}" for s in report["stages"]
+                 if metric in s["details"].get("accuracy", {}).get("after", {})]
+        if len(trail) > 1:
+            console.print(f"  {metric} after each stage: {' · '.join(trail)}", highlight=False)
+    for s in report["stages"]:
+        d = s["details"]
+        if "loss_first" in d and "samples_per_s" in d:
+            console.print(f"  {s['method']}: {d['steps']} steps in {d['seconds']} s ({d['samples_per_s']} samples/s), "
+                          f"loss {d['loss_first']} → {d['loss_last']}", highlight=False)
     if "speed" in report:
         speed = report["speed"]
         console.print(f"  {speed['before']['workload']} (batch {speed['before']['batch_size']}): "

@@ -144,6 +144,10 @@ def apply(
     out = Path(output or recipe.output)
     stages = build_stages(recipe)
     given_model = model is not None
+    # launched on several processes (torchrun / accelerate launch): every process runs every stage on its replica
+    # (the trainer shards the data), only the main process measures and writes
+    main, world_size = is_main_process(), process_count()
+    progress = progress and main
     if save:
         check_output(out, overwrite)
     torch.manual_seed(recipe.seed)
@@ -160,10 +164,11 @@ def apply(
 
     ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
                      compression=compression_record(model), processor=processor, progress=progress)
-    rows = eval_rows(recipe, model)
+    rows = eval_rows(recipe, model) if main else None
     accuracy_before = measure(model, processor, adapter.family, rows)
     speed_before = quick_speed(model, adapter) if rows is not None else None
-    check_guards(recipe.guards, accuracy_before, accuracy_before, "0")  # metric names and eval data, before any work
+    if main:
+        check_guards(recipe.guards, accuracy_before, accuracy_before, "0")  # metric names and eval data, first
     accuracy_out, speed_out = accuracy_before, speed_before
     params_before = count_params(model)
     work = work_dir_for(out)
@@ -177,7 +182,7 @@ def apply(
             params_before = meta["params_before_recipe"]
             ctx.reports = [StageReport(**r) for r in meta["reports"]]
             ctx.artifacts = {name: folder / name for name in meta.get("artifacts", [])}
-    elif save and work.exists():
+    elif save and main and work.exists():
         shutil.rmtree(work)  # a fresh run never reuses stale stage results
 
     if start > 0:
@@ -206,13 +211,14 @@ def apply(
                 speed_in, speed_out = speed_out, quick_speed(measured, adapter)
                 report.details["speed"] = {"before": speed_in, "after": speed_out}
             ctx.reports.append(report)
-            if save:
+            if save and main:
                 _save_stage(ctx, work, i, recipe, params_before)
-            check_guards(recipe.guards, accuracy_before, accuracy_out, f"{i + 1} ({stage.config.method})")
+            if main:
+                check_guards(recipe.guards, accuracy_before, accuracy_out, f"{i + 1} ({stage.config.method})")
             bar.update(advance=1)
 
         model = to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
-        report = run_report(ctx, recipe, params_before)
+        report = run_report(ctx, recipe, params_before) | {"world_size": world_size}
         if accuracy_before is not None:
             report["accuracy"] = {"before": accuracy_before, "after": accuracy_out,
                                   "data": recipe.data.eval.model_dump(mode="json")}
@@ -221,7 +227,7 @@ def apply(
                                "speedup": round(speed_before["ms_median"] / speed_out["ms_median"], 3),
                                "flops_reduction": round(speed_before["gflops_per_sample"] /
                                                         speed_out["gflops_per_sample"], 3)}
-        if save:
+        if save and main:
             bar.update(description="writing the checkpoint")
             _atomic_write_dir(out, lambda tmp: save_checkpoint(
                 model, tmp, recipe_yaml=recipe.to_yaml(), report=report, processor=processor,
@@ -229,6 +235,15 @@ def apply(
             shutil.rmtree(work, ignore_errors=True)
     model.vlmcompress_report = report
     return model
+
+
+def is_main_process() -> bool:
+    """Whether this process writes (rank 0 of a torchrun / accelerate launch, or the only process)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def process_count() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _teacher_loader(recipe: Recipe, in_memory: nn.Module | None, stages: list[Stage]):

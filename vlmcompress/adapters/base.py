@@ -72,6 +72,17 @@ def same_ids_mask(input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)
 
 
+@dataclass(frozen=True)
+class LayerStack:
+    """A component's stack of layers: where the `nn.ModuleList` is, and which config holds its length
+    (`config_path`: dotted attributes from the model config, "" for the config itself)."""
+
+    component: str
+    layers_path: str
+    config_path: str
+    count_attr: str = "num_hidden_layers"
+
+
 @dataclass
 class VisionTower:
     """Where an encoder's layers are, and what its token sequence looks like (vision, or text with `text` set)."""
@@ -120,6 +131,10 @@ class ModelAdapter:
         """The text-encoder layers whose cross-attention reads the image tokens (`num_tokens`: image tokens with
         CLS, `hook_path`: the encoder module), where Turbo prunes those tokens; None when the family has none."""
         return None
+
+    def layer_stacks(self, model: nn.Module) -> dict[str, LayerStack]:
+        """The layer stacks whose depth a student may shrink (`distill`), by component."""
+        return {}
 
     def tiny_model(self, seed: int = 0) -> nn.Module:
         """A seeded random-init model of this family, small enough for unit tests."""

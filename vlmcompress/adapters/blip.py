@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
+    LayerStack,
     MlpUnit,
     ModelAdapter,
     TrainOutputs,
@@ -53,6 +54,10 @@ class BlipAdapter(ModelAdapter):
     def cross_attention_tower(self, model):
         return VisionTower(TEXT_LAYERS, _patch_tokens(model.config.vision_config) + 1, True,
                            hook_path=TEXT_LAYERS.rpartition(".")[0])
+
+    def layer_stacks(self, model):
+        return {"vision": LayerStack("vision", "vision_model.encoder.layers", "vision_config"),
+                "text": LayerStack("text", TEXT_LAYERS, "text_config")}
 
     def tiny_model(self, seed=0):
         from transformers import BlipConfig, BlipForImageTextRetrieval

@@ -6,6 +6,7 @@ import torch
 
 from .base import (
     AttentionUnit,
+    LayerStack,
     MlpUnit,
     ModelAdapter,
     TrainOutputs,
@@ -58,6 +59,11 @@ class Blip2Adapter(ModelAdapter):
 
     def vision_tower(self, model):
         return VisionTower("vision_model.encoder.layers", _patch_tokens(model.config.vision_config) + 1, True)
+
+    def layer_stacks(self, model):
+        return {"vision": LayerStack("vision", "vision_model.encoder.layers", "vision_config"),
+                "qformer": LayerStack("qformer", QFORMER_LAYERS, "qformer_config"),
+                "llm": LayerStack("llm", LLM_LAYERS, "text_config")}
 
     def tiny_model(self, seed=0):
         from transformers import Blip2Config, Blip2ForConditionalGeneration

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
+    LayerStack,
     ModelAdapter,
     TrainOutputs,
     VisionTower,
@@ -59,6 +60,10 @@ class CLIPAdapter(ModelAdapter):
         eot = "argmax" if text.eos_token_id == 2 else "eos"
         return VisionTower("text_model.encoder.layers", text.max_position_embeddings, False, hook_path="text_model",
                            text={"causal": True, "eot": eot, "eos_token_id": text.eos_token_id})
+
+    def layer_stacks(self, model):
+        return {"vision": LayerStack("vision", "vision_model.encoder.layers", "vision_config"),
+                "text": LayerStack("text", "text_model.encoder.layers", "text_config")}
 
     def tiny_model(self, seed=0):
         from transformers import CLIPConfig, CLIPModel

@@ -6,6 +6,7 @@ import torch
 
 from .base import (
     AttentionUnit,
+    LayerStack,
     MlpUnit,
     ModelAdapter,
     TrainOutputs,
@@ -68,6 +69,10 @@ class LlavaAdapter(ModelAdapter):
         model = LlavaForConditionalGeneration(config).eval()
         model.generation_config.pad_token_id = 0
         return model
+
+    def layer_stacks(self, model):
+        return {"vision": LayerStack("vision", VISION_LAYERS, "vision_config"),
+                "llm": LayerStack("llm", LLM_LAYERS, "text_config")}
 
     def tiny_processor(self):
         """A word-level tokenizer + CLIP image processor wired into a `LlavaProcessor` for the tiny model."""

@@ -1,3 +1,3 @@
 """Built-in stages; importing this package registers them."""
 
-from . import finetune, quantize, structured_prune, token_reduce  # noqa: F401
+from . import distill, finetune, quantize, structured_prune, token_reduce  # noqa: F401

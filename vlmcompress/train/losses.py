@@ -31,3 +31,22 @@ def logit_distillation(student: dict[str, torch.Tensor], teacher: dict[str, torc
     if not names:
         raise ValueError("the student and the teacher share no logits to distil")
     return sum(kl_rows(student[k], teacher[k], temperature) for k in names) / len(names)
+
+
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], mapping: list[int]) -> torch.Tensor:
+    """Mean over the student's hidden states of MSE(student[i], teacher[mapping[i]]).
+
+    Args:
+        student: `L_s + 1` tensors `[B, N, D]` (the embeddings' output, then each layer's output).
+        teacher: `L_t + 1` tensors of the same shapes. mapping: a teacher index per student index.
+    """
+    if len(mapping) != len(student):
+        raise ValueError(f"{len(student)} student hidden states but a layer map of {len(mapping)}")
+    return sum(F.mse_loss(s.float(), teacher[t].float()) for s, t in zip(student, mapping)) / len(student)
+
+
+def attention_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], mapping: list[int]) -> torch.Tensor:
+    """Mean over the student's layers of MSE between attention maps `[B, heads, N, N]` (probabilities)."""
+    if len(mapping) != len(student):
+        raise ValueError(f"{len(student)} student attention maps but a layer map of {len(mapping)}")
+    return sum(F.mse_loss(s.float(), teacher[t].float()) for s, t in zip(student, mapping)) / len(student)

@@ -54,6 +54,18 @@ class ParamGroup:
 LossFn = Callable[[nn.Module, list[dict]], LossOutput]
 
 
+def key_biases(model: nn.Module, adapter) -> set[str]:
+    """Names of the separate key-projection biases of every attention module. They cannot change any output (a
+    query's logits all shift by the same q · b_k, and softmax ignores a shift), so their gradient is rounding noise,
+    which Adam would turn into lr-sized random steps that differ between runs and processes: the training stages
+    leave them out (a fused qkv bias is trained as a whole)."""
+    prefix = {id(m): n for n, m in model.named_modules()}
+    params = {n for n, _ in model.named_parameters()}
+    names = {f"{prefix[id(u.module)]}.{u.k}.bias".lstrip(".") for u in adapter.attention_units(model)
+             if u.k and not u.qkv}
+    return names & params
+
+
 def no_decay(name: str, p: torch.Tensor) -> bool:
     """Biases, norms and embeddings-like vectors get no weight decay (as BERT / CLIP training)."""
     return p.ndim < 2 or "norm" in name or name.endswith(".bias")
@@ -95,11 +107,18 @@ class Trainer:
         if cfg.log_with == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline")
         log_dir = self._log_dir()
+        # cpu=True on a machine without GPUs: accelerate then reads torchrun's WORLD_SIZE / RANK as MULTI_CPU (gloo);
+        # without it, every launched process would train alone
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
-                                  project_dir=None if log_dir is None else str(log_dir))
+                                  project_dir=None if log_dir is None else str(log_dir),
+                                  cpu=not torch.cuda.is_available())
         world, rank = accelerator.num_processes, accelerator.process_index
         micro = cfg.batch_size
         rows_per_step = micro * cfg.grad_accum * world
+        given = {id(p) for g in self.groups for p in g.params.values()}
+        for p in self.model.parameters():  # what no group names is not trained (and not watched by DDP)
+            if id(p) not in given:
+                p.requires_grad_(False)
         if self.freeze_unused:
             self._freeze_unused()
         named = {n: p for g in self.groups for n, p in g.params.items() if p.requires_grad}
@@ -150,6 +169,8 @@ class Trainer:
                     accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if world > 1:  # show and record the loss over all processes' rows, not this one's
+                    loss_sum = float(accelerator.reduce(torch.tensor([loss_sum]), reduction="mean"))
                 losses.append(loss_sum)
                 samples += rows_per_step
                 done = step + 1
@@ -166,6 +187,9 @@ class Trainer:
                     save_state(state_dir, step=done, key=key, trainable=named, optimizer=getattr(
                         optimizer, "optimizer", optimizer), best=best, best_tensors=best_tensors)
         seconds = time.perf_counter() - t0
+        # rows each process trained on (every process has the same count: they read disjoint shards)
+        local = torch.tensor([(self.total - start) * micro * cfg.grad_accum])
+        per_rank = [int(x) for x in accelerator.gather(local).tolist()] if world > 1 else [int(local)]
         if cfg.log_with is not None:
             accelerator.end_training()
         if cfg.gradient_checkpointing:
@@ -178,7 +202,7 @@ class Trainer:
         accelerator.free_memory()
         return {"steps": self.total, "resumed_from_step": start or None, "seconds": round(seconds, 2),
                 "samples_per_s": round(samples / max(seconds, 1e-9), 2) if samples else None,
-                "world_size": world, "rows_per_step": rows_per_step, "trained_parameters": sum(
+                "world_size": world, "rows_per_step": rows_per_step, "rows_per_rank": per_rank, "trained_parameters": sum(
                     p.numel() for p in named.values()),
                 "loss_first": round(losses[0], 5) if losses else None,
                 "loss_last": round(losses[-1], 5) if losses else None,

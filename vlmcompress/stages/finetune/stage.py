@@ -71,6 +71,26 @@ class FinetuneConfig(StageConfig):
         return self
 
 
+    def card_lines(self, details: dict[str, Any]) -> list[str]:
+        """The model card's section on the recovery training (from the stage's report details)."""
+        mode = (f"LoRA (r={self.lora.r}, alpha={self.lora.alpha}) on {len(self.lora.targets)} target pattern(s), "
+                "merged into the weights" if self.lora else "all selected parameters")
+        loss = f"task loss × {self.loss.task}"
+        if self.loss.logits:
+            loss += f" + KL to the teacher's logits × {self.loss.logits} (temperature {self.loss.temperature})"
+        lines = ["", "## Recovery fine-tuning", "",
+                 f"{details.get('steps')} steps of {details.get('rows_per_step')} samples on `data.train` "
+                 f"({mode}; {details.get('trained_parameters'):,} parameters trained); loss: {loss}; "
+                 f"{details.get('seconds')} s at {details.get('samples_per_s')} samples/s."]
+        if details.get("best"):
+            best = details["best"]
+            lines.append(f"Kept the best evaluated step: {best['step']} ({best['metric']} {best['value']}).")
+        if details.get("adapter"):
+            lines.append("`adapter/` holds the LoRA adapter for `PeftModel.from_pretrained` on the model before "
+                         "this stage.")
+        return lines + [""]
+
+
 class FinetuneStage(Stage):
     """Train the compressed model (all / selected parameters, or merged LoRA adapters) on the task loss."""
 
@@ -124,7 +144,7 @@ class FinetuneStage(Stage):
                 if any(matches(s, n) or matches(s, n.rpartition(".")[0]) for s in cfg.trainable)}
 
     def run(self, ctx: RunContext) -> StageReport:
-        from ...train.trainer import ParamGroup, Trainer
+        from ...train.trainer import ParamGroup, Trainer, key_biases
 
         cfg = self.config
         if ctx.processor is None:
@@ -145,7 +165,8 @@ class FinetuneStage(Stage):
             groups = [ParamGroup("lora", peft_lora.lora_parameters(peft_model), lr=cfg.train.new_module_lr)]
         else:
             train_model = model
-            named = {n: p for n, p in model.named_parameters() if n in selected}
+            frozen = key_biases(model, ctx.adapter)
+            named = {n: p for n, p in model.named_parameters() if n in selected and n not in frozen}
             for p in named.values():
                 p.requires_grad_(True)
             groups = [ParamGroup("model", named)]
