@@ -135,3 +135,79 @@ def test_distill_without_train_data_is_refused(tmp_path):
                     "    student: {vision: 1}\n    train: {steps: 2}\n")
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1 and "data.train" in result.output and "distill" in result.output
+
+
+def test_a_student_its_config_would_not_rebuild_is_refused():
+    from vlmcompress.errors import VlmCompressError
+    from vlmcompress.stages.distill.stage import DistillConfig, DistillStage
+
+    adapter = BUILTIN_TINY["tiny-blip2"]
+    stage = DistillStage(DistillConfig(method="distill", student={"qformer": [1]}, train={"steps": 1}))
+    with pytest.raises(VlmCompressError, match="would not rebuild"):
+        stage.check(adapter.tiny_model(0), adapter)  # layer 1 has no cross-attention; a first layer must
+
+
+STUDENTS = {"tiny-clip": {"vision": 1, "text": [1]}, "tiny-siglip": {"vision": [1]},
+            "tiny-blip": {"vision": 1, "text": 1}, "tiny-blip2": {"vision": 1, "llm": [1]},
+            "tiny-llava": {"vision": [1], "llm": 1}}
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_a_few_distillation_steps_lower_the_loss_on_every_family(name, monkeypatch):
+    from types import SimpleNamespace
+
+    from vlmcompress.stages.distill.stage import DistillConfig, DistillStage
+    from vlmcompress.train.config import TrainConfig
+    from vlmcompress.train.trainer import ParamGroup, Trainer
+
+    adapter = type(BUILTIN_TINY[name])()
+    torch.manual_seed(0)
+    teacher = adapter.tiny_model(0).requires_grad_(False)
+    model = adapter.tiny_model(0)
+    batch = adapter.example_inputs(model, batch_size=4, seed=1)
+    adapter.collate = lambda processor, rows: batch  # a fixed batch of the tiny model's inputs
+    stage = DistillStage(DistillConfig(method="distill", student=STUDENTS[name], train={"steps": 1},
+                                       loss={"task": 1.0, "logits": 1.0, "hidden": 1.0}))
+    keep = stage.keep(model, adapter)
+    maps = stage.maps(model, adapter, keep)
+    stacks = adapter.layer_stacks(model)
+    for component, kept in keep.items():
+        keep_layers(model, stacks[component], kept)
+    ctx = SimpleNamespace(adapter=adapter, processor=None, teacher=teacher, rows=lambda split: (lambda s, n: [{}] * n),
+                          train_size=lambda: None, work=None, stage_index=0, recipe=None, artifacts={})
+    loss_fn = stage._loss_fn(ctx, stacks, keep, maps, {c: [0] * len(k) for c, k in keep.items()})
+    with torch.no_grad():
+        before = loss_fn(model.eval(), None)
+    assert set(before.terms) == {"task", "logits", "hidden"} and before.terms["hidden"] > 0
+    Trainer(ctx, TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup=0), name=name, model=model, loss_fn=loss_fn,
+            param_groups=[ParamGroup("all", dict(model.named_parameters()))], progress=False).fit()
+    with torch.no_grad():
+        after = loss_fn(model.eval(), None)
+    assert float(after.total) < float(before.total) * 0.95, (before.terms, after.terms)
+
+
+def test_every_distillation_term_is_zero_for_a_student_equal_to_the_teacher():
+    from types import SimpleNamespace
+
+    from vlmcompress.stages.distill.stage import DistillConfig, DistillStage
+
+    adapter = type(BUILTIN_TINY["tiny-clip"])()
+    teacher, student = adapter.tiny_model(0), adapter.tiny_model(0)
+    for m in (teacher, student):
+        m.set_attn_implementation("eager")
+    batch = adapter.example_inputs(student, batch_size=3)
+    adapter.collate = lambda processor, rows: batch
+    stage = DistillStage(DistillConfig(method="distill", student={"vision": 2, "text": 2}, train={"steps": 1},
+                                       loss={"task": 0.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}))
+    keep = stage.keep(student, adapter)
+    assert keep == {"vision": [0, 1], "text": [0, 1]}
+    ctx = SimpleNamespace(adapter=adapter, processor=None, teacher=teacher)
+    stacks = adapter.layer_stacks(student)
+    loss_fn = stage._loss_fn(ctx, stacks, keep, stage.maps(student, adapter, keep), {"vision": [0, 1], "text": [0, 1]})
+    with torch.no_grad():
+        same = loss_fn(student, None).terms
+        assert set(same) == {"logits", "hidden", "attention"} and all(float(v) == 0 for v in same.values()), same
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        moved = loss_fn(student, None).terms
+    assert all(float(v) > 0 for v in moved.values()), moved

@@ -212,7 +212,7 @@ def test_unknown_method_tome_merge(tmp_path):
     """)
     line = problem(recipe_error(path), f"{path}:4", "stages[0].method")
     assert "unknown method 'tome_merge'" in line
-    assert "available: finetune, quantize, structured_prune, token_reduce" in line
+    assert "available: distill, finetune, quantize, structured_prune, token_reduce" in line
 
 
 def test_stage_without_method(tmp_path):

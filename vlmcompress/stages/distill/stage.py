@@ -103,6 +103,7 @@ class DistillStage(Stage):
     def check(self, model, adapter) -> None:
         keep = self.keep(model, adapter)
         self.maps(model, adapter, keep)
+        self._check_reloads(model, adapter, keep)
         for component in self.config.layer_map:
             if component not in keep:
                 raise VlmCompressError(f"distill.layer_map.{component}: {component} is not in student; add it there")
@@ -112,6 +113,27 @@ class DistillStage(Stage):
                 if not hasattr(model.get_submodule(stack.layers_path)[0], "self_attn"):
                     raise VlmCompressError(f"distill.loss.attention: the {component} layers of {adapter.family} have "
                                            "no self_attn module to read attention maps from; set attention: 0")
+
+    def _check_reloads(self, model, adapter, keep: dict[str, list[int]]) -> None:
+        """The student, as its config describes it, must have the kept layers' parameters: build both on the meta
+        device and compare (BLIP-2's Q-Former gives cross-attention to every `cross_attention_frequency`-th layer
+        by position, so keeping a layer at a position of the other kind would not reload)."""
+        import copy
+
+        import torch
+
+        with torch.device("meta"):
+            student = copy.deepcopy(model).to("meta")
+            for component, kept in keep.items():
+                keep_layers(student, adapter.layer_stacks(student)[component], kept)
+            fresh = type(model)(copy.deepcopy(student.config))
+        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+        if want != got:
+            bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+            raise VlmCompressError(f"distill.student: layers {keep} give a student that its own config would not "
+                                   f"rebuild ({', '.join(bad[:2])} differ); pick layers at positions of the same kind "
+                                   "(e.g. BLIP-2's Q-Former alternates cross-attention layers)")
 
     def plan(self, model, adapter) -> dict[str, Any]:
         keep = self.keep(model, adapter)

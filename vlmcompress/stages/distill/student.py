@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 
 def evenly_spaced(num_teacher: int, count: int) -> list[int]:
     """`count` teacher layer indices spread over `num_teacher` layers, first and last included (one layer: the
@@ -37,9 +35,11 @@ def config_at(config: Any, path: str) -> Any:
     return config
 
 
-def keep_layers(model: nn.Module, stack, keep: list[int]) -> None:
+def keep_layers(model, stack, keep: list[int]) -> None:
     """Keep only the layers `keep` (teacher indices, ascending) of `stack`, renumbered 0 … len(keep) − 1, and set
     the component's layer count in the config, so that the saved student reloads with the stock class."""
+    from torch import nn  # here: the recipe side imports no torch
+
     parent_path, _, name = stack.layers_path.rpartition(".")
     parent = model.get_submodule(parent_path)
     layers = getattr(parent, name)
