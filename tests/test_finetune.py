@@ -290,3 +290,34 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, finetune, kw, fragme
         for fragment in fragments:
             assert fragment in result.output, (fragment, result.output)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.vlmcompress-work").exists()
+
+
+@pytest.mark.slow
+def test_the_quickstart_ends_within_one_point_of_the_teacher(tmp_path):
+    """The README's promise (about 80 s): recall@1 within 1.0 point of the teacher at the quickstart's GFLOPs."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text()) | {"output": str(tmp_path / "q")}
+    report = vlmcompress.apply(recipe, progress=False).vlmcompress_report
+    before, after = report["accuracy"]["before"]["recall@1"], report["accuracy"]["after"]["recall@1"]
+    assert before - after <= 0.010, (before, after)
+    assert report["speed"]["flops_reduction"] >= 1.7
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    def run(folder, checkpointing):
+        recipe = small_recipe(folder, {"train": {"steps": 3, "batch_size": 8, "lr": 1e-3,
+                                                 "gradient_checkpointing": checkpointing}})
+        recipe["stages"] = [s for s in recipe["stages"] if s["method"] != "token_reduce"]
+        vlmcompress.apply(recipe, progress=False)
+        return load_file(str(folder / "model.safetensors"))
+
+    plain, recomputed = run(tmp_path / "plain", False), run(tmp_path / "recomputed", True)
+    assert max((plain[k] - recomputed[k]).abs().max().item() for k in plain) < 1e-6
+
+
+def test_gradient_checkpointing_after_token_reduction_is_refused(tmp_path):
+    recipe = write(tmp_path, "train: {steps: 5, gradient_checkpointing: true}\n",
+                   before="  - method: token_reduce\n    r: 4\n")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 1 and "gradient_checkpointing" in result.output and "token reduction" in result.output

@@ -20,7 +20,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress vision-language models with declarative YAML recipes.\n\n"
                        "Example: vlmcompress apply recipes/quickstart.yaml")
-console = Console()
+console = Console(soft_wrap=True)  # summary lines stay whole in logs and pipes
 err_console = Console(stderr=True)
 
 

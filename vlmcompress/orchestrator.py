@@ -51,6 +51,12 @@ def build_stages(recipe: Recipe) -> list[Stage]:
                 f"stages[{i}] ({stage.config.method}) needs training / calibration data, but the recipe has no "
                 "data.train; add e.g. data: {train: {builtin: shapes, split: train, size: 256}}"
             )
+        train = getattr(stage.config, "train", None)
+        if getattr(train, "gradient_checkpointing", False) and any(s.reduces_tokens for s in stages[:i]):
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}).train.gradient_checkpointing: token reduction runs before it, "
+                "and its layers keep per-forward state that recomputing a layer in backward would replay wrongly; "
+                "set gradient_checkpointing: false")
         if stage.trains and recipe.data is not None and _same_source(recipe.data.train, recipe.data.eval):
             raise StageOrderError(
                 f"stages[{i}] ({stage.config.method}) trains on data.train, which is the same data as data.eval "

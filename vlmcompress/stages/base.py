@@ -126,6 +126,7 @@ class Stage:
     needs_teacher: ClassVar[bool] = False
     changes_architecture: ClassVar[bool] = False
     must_be_last: ClassVar[bool] = False
+    reduces_tokens: ClassVar[bool] = False  # patches layers with per-forward state (no activation checkpointing)
 
     def __init__(self, config: StageConfig):
         self.config = config

@@ -257,8 +257,14 @@ class Trainer:
         if not hasattr(self.model, "gradient_checkpointing_enable"):
             raise VlmCompressError(f"train.gradient_checkpointing: {type(self.model).__name__} does not support it; "
                                    "set gradient_checkpointing: false")
-        if on:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            if on:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.activation_checkpointing_disable()
+        elif on:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_disable()
 

@@ -151,6 +151,7 @@ class TokenReduceStage(Stage):
     """Token reduction inside the layers of a model (ToMe, Turbo, CrossGET, FastV, VisionZip, PruMerge, plug-ins)."""
 
     changes_architecture = True
+    reduces_tokens = True
 
     def check(self, model, adapter) -> None:
         load_runtime(type(self.config))
