@@ -55,7 +55,7 @@ def vqa(model, model_name: str) -> float:
     from vlmcompress.evaluate import evaluate_vqa
     from vlmcompress.models import load_model
 
-    processor = load_model(model_name, meta=True)[1]
+    processor = load_model(model_name)[1]
     return evaluate_vqa(model, processor, size=300)["vqa_accuracy"]
 
 
