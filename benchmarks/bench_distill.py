@@ -32,14 +32,14 @@ STUDENTS = {"shapes-clip": {"half vision": {"vision": 2}, "half vision + half te
             "shapes-llava": {"llm [0, 2]": {"llm": [0, 2]}, "llm [0]": {"llm": [0]}}}
 
 
-def recipe(model: str, student: dict | None, steps: int, finetune_steps: int, out: Path) -> dict:
+def recipe(model: str, student: dict | None, steps: int, finetune_steps: int, out: Path, lr: float = 3e-4) -> dict:
     eval_size = 2000 if model == "shapes-clip" else 300
     stages = []
     if student is not None:
         stages.append({"method": "distill", "student": student,
                        "loss": {"task": 1.0, "logits": 1.0, "hidden": 1.0, "temperature": 2.0},
                        "train": {"steps": steps, "batch_size": 64 if model == "shapes-clip" else 16,
-                                 "lr": 3e-4, "warmup": 0.05}})
+                                 "lr": lr, "warmup": 0.05}})
     if finetune_steps:
         stages.append({"method": "finetune", "teacher": "original",
                        "loss": {"task": 1.0, "logits": 4.0, "temperature": 4.0},
@@ -82,14 +82,16 @@ def students(args) -> dict:
     rows.append(row)
     print(json.dumps(row), flush=True)
     for name, student in STUDENTS[args.model].items():
+        if args.students and name not in args.students.split(","):
+            continue
         t0 = time.perf_counter()
         out = work / name.replace(" ", "_")
-        model = vlmcompress.apply(recipe(args.model, student, args.steps, args.finetune_steps, out),
+        model = vlmcompress.apply(recipe(args.model, student, args.steps, args.finetune_steps, out, args.lr),
                                   overwrite=True, progress=False)
         report = model.vlmcompress_report
         distill, finetune = report["stages"][0], report["stages"][-1]
         row = {"student": name, "spec": student, "params": report["params_after"],
-               "distill_steps": args.steps, "finetune_steps": args.finetune_steps,
+               "distill_steps": args.steps, "finetune_steps": args.finetune_steps, "distill_lr": args.lr,
                "distill_seconds": distill["details"]["seconds"], "finetune_seconds": finetune["details"]["seconds"],
                "distill_samples_per_s": distill["details"]["samples_per_s"],
                "vision_gflops": distill["details"].get("speed", {}).get("after", {}).get("gflops_per_sample")}
@@ -145,6 +147,8 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-clip", choices=list(STUDENTS))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=3e-4, help="distill learning rate")
+    parser.add_argument("--students", default=None, help="comma-separated student names (default: all)")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
