@@ -21,10 +21,7 @@ def load_rows(source: Any, model: nn.Module, seed: int = 0, size: int | None = N
     """
     n = size or source.size
     if source.builtin == "shapes":
-        from . import shapes
-
-        config = shapes.ShapesConfig(image_size=image_size_of(model))
-        return [r | {"shapes": True} for r in shapes.generate(source.split, n or 1000, seed=seed, config=config)]
+        return row_stream(source, image_size_of(model), seed)(0, n or 1000)
     return _rgb_rows(load_source(source.model_copy(update={"size": n}) if n else source))
 
 

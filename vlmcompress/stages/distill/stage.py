@@ -172,9 +172,10 @@ class DistillStage(Stage):
         previous = _set_eager(model, ctx.teacher) if eager else None
         try:
             loss_fn = self._loss_fn(ctx, stacks, keep, maps, attention_maps)
+            frozen = key_biases(model, adapter)
             trainer = Trainer(ctx, self.config.train, name="distill", model=model, loss_fn=loss_fn,
                               param_groups=[ParamGroup("student", {
-                                  n: p for n, p in model.named_parameters() if n not in key_biases(model, adapter)})],
+                                  n: p for n, p in model.named_parameters() if n not in frozen})],
                               progress=ctx.progress)
             details = trainer.fit()
         finally:
