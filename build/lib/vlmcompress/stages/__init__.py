@@ -1,3 +1,0 @@
-"""Built-in stages; importing this package registers them."""
-
-from . import quantize, structured_prune, token_reduce  # noqa: F401
