@@ -32,12 +32,16 @@ STUDENTS = {"shapes-clip": {"half vision": {"vision": 2}, "half vision + half te
             "shapes-llava": {"llm [0, 2]": {"llm": [0, 2]}, "llm [0]": {"llm": [0]}}}
 
 
-def recipe(model: str, student: dict | None, steps: int, finetune_steps: int, out: Path, lr: float = 3e-4) -> dict:
+DISTILL_LOSS = {"task": 1.0, "logits": 1.0, "hidden": 1.0, "temperature": 2.0}
+
+
+def recipe(model: str, student: dict | None, steps: int, finetune_steps: int, out: Path, lr: float = 3e-4,
+           loss: dict | None = None) -> dict:
     eval_size = 2000 if model == "shapes-clip" else 300
     stages = []
     if student is not None:
         stages.append({"method": "distill", "student": student,
-                       "loss": {"task": 1.0, "logits": 1.0, "hidden": 1.0, "temperature": 2.0},
+                       "loss": DISTILL_LOSS | (loss or {}),
                        "train": {"steps": steps, "batch_size": 64 if model == "shapes-clip" else 16,
                                  "lr": lr, "warmup": 0.05}})
     if finetune_steps:
@@ -81,16 +85,18 @@ def students(args) -> dict:
         row["vqa"] = vqa(teacher, args.model)
     rows.append(row)
     print(json.dumps(row), flush=True)
-    for name, student in STUDENTS[args.model].items():
-        if args.students and name not in args.students.split(","):
+    candidates = STUDENTS[args.model] | ({"custom": json.loads(args.student)} if args.student else {})
+    for name, student in candidates.items():
+        if (args.students or args.student) and name not in (args.students or "custom").split(","):
             continue
         t0 = time.perf_counter()
         out = work / name.replace(" ", "_")
-        model = vlmcompress.apply(recipe(args.model, student, args.steps, args.finetune_steps, out, args.lr),
+        loss = json.loads(args.loss) if args.loss else None
+        model = vlmcompress.apply(recipe(args.model, student, args.steps, args.finetune_steps, out, args.lr, loss),
                                   overwrite=True, progress=False)
         report = model.vlmcompress_report
         distill, finetune = report["stages"][0], report["stages"][-1]
-        row = {"student": name, "spec": student, "params": report["params_after"],
+        row = {"student": name, "spec": student, "params": report["params_after"], "distill_loss": DISTILL_LOSS | (loss or {}),
                "distill_steps": args.steps, "finetune_steps": args.finetune_steps, "distill_lr": args.lr,
                "distill_seconds": distill["details"]["seconds"], "finetune_seconds": finetune["details"]["seconds"],
                "distill_samples_per_s": distill["details"]["samples_per_s"],
@@ -149,6 +155,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-4, help="distill learning rate")
     parser.add_argument("--students", default=None, help="comma-separated student names (default: all)")
+    parser.add_argument("--student", default=None, help='one student as JSON, e.g. \'{"vision": 2, "text": [1]}\'')
+    parser.add_argument("--loss", default=None, help='distill loss weights over the default, as JSON: \'{"hidden": 0}\'')
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -5,7 +5,7 @@ exact-match VQA with greedy 3-token answers to `user: <image> QUESTION assistant
 processor, batches of 100 left-padded prompts (`vlmcompress.evaluate.answer_questions`, as `vlmcompress eval`).
 Budgets are the fraction of the image tokens the language model keeps (FastV: after decoder layer K; VisionZip and
 PruMerge: at the vision feature layer, so also the vision layers after it); PruMerge's adaptive mode picks its own
-count per batch (its mean is reported). GFLOPs per sample: `FlopCounterMode` over one prefill (vision tower +
+count per image (its mean and range are reported). GFLOPs per sample: `FlopCounterMode` over one prefill (vision tower +
 projector + language model, logits of the last position) of the first test question's prompt; for the adaptive
 mode, of that image alone. The uncompressed row carries the no-image, majority and chance baselines.
 
@@ -25,6 +25,7 @@ import torch
 import vlmcompress
 from vlmcompress.bench import count_gflops, machine_info
 from vlmcompress.evaluate import VQA_PROMPT, answer_questions, evaluate_vqa, shapes_eval_rows
+from vlmcompress.modeling.llava_tokens import llava_image_token_counts
 from vlmcompress.models import load_model
 
 
@@ -41,6 +42,8 @@ def settings(ratios: list[float]) -> dict[str, dict]:
                                                        "keep_positions": True}
         out[f"prumerge keep={tag} keep_positions"] = {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": p,
                                                       "keep_positions": True}
+        out[f"prumerge keep={tag} order=raster"] = {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": p,
+                                                    "order": "raster"}
     out["prumerge adaptive"] = {"algorithm": "prumerge", "mode": "adaptive"}
     out["prumerge+ adaptive"] = {"algorithm": "prumerge", "mode": "adaptive", "plus": True}
     out["prumerge adaptive keep_positions"] = {"algorithm": "prumerge", "mode": "adaptive", "keep_positions": True}
@@ -70,15 +73,17 @@ class LlmTokens:
 
 
 def image_tokens_in_llm(model, processor, rows, batch_size: int) -> list[int]:
-    """Image tokens the language model receives per image, per batch (PruMerge adaptive: chosen per batch)."""
+    """Image tokens the language model receives, per image (PruMerge adaptive: chosen per image)."""
     counts = []
-    vision = model.model
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         pixels = processor.image_processor(images=[r["image"] for r in chunk], return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            features = vision.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-        counts.append(int(features[0].shape[0]))
+            if hasattr(model, "_encode_images"):  # a compressed model: the count it hands to the language model
+                _, kept = model._encode_images(pixels, {})
+            else:
+                kept = int(model.model.get_image_features(pixel_values=pixels).pooler_output[0].shape[0])
+        counts.extend(kept.tolist() if isinstance(kept, torch.Tensor) else [kept] * len(chunk))
     return counts
 
 
@@ -127,17 +132,17 @@ def main() -> None:
         if setting["algorithm"] == "fastv":
             kept = tower["tokens_per_layer"][-1]
         elif block.get("data_dependent"):
-            per_batch = image_tokens_in_llm(model, processor, rows, 100)
-            kept = round(sum(per_batch) / len(per_batch), 2)
-        else:
-            kept = tower["tokens_per_layer"][-1] - 1  # LLaVA's "default" strategy drops CLS
+            per_image = image_tokens_in_llm(model, processor, rows, 100)
+            kept = round(sum(per_image) / len(per_image), 2)
+        else:  # VisionZip hands CLS on; LLaVA's "default" strategy drops it otherwise
+            kept = llava_image_token_counts(model.config)[1]
         point = {"setting": setting, "vqa_accuracy": accuracy, "vqa_by_type": by_type,
                  "gflops_per_sample": round(gflops, 5),
                  "gflops_fraction": round(gflops / full, 4), "image_tokens_in_llm": kept,
                  "seconds": round(time.perf_counter() - t0, 1)}
         if block.get("data_dependent"):
-            point["image_tokens_per_batch"] = per_batch
-            point["gflops_note"] = "of the first test image alone (the count depends on the batch)"
+            point["image_tokens_range"] = [min(per_image), max(per_image)]
+            point["gflops_note"] = "of the first test image alone (the count depends on the image)"
         results["points"][name] = point
         print(name, json.dumps(point), flush=True)
     if args.only and args.json and args.json.exists():  # keep the other points of an earlier run

@@ -123,7 +123,9 @@ CASES = [
     ("tiny-blip", {"algorithm": "turbo", "r": 8}),
     ("tiny-blip2", {"algorithm": "tome", "keep_ratio": 0.5}),
     ("tiny-llava", {"algorithm": "tome", "r": 4}),
+    ("tiny-llava", {"algorithm": "crossget", "r": 4}),  # the LLaVA rules: attention received, head-mean keys
     ("tiny-llava", {"algorithm": "visionzip", "keep_ratio": 0.4}),
+    ("tiny-llava", {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": 0.3, "plus": True}),
     ("tiny-llava", {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": 0.3}),
     ("tiny-llava", {"algorithm": "prumerge", "mode": "fixed", "keep_ratio": 0.3, "extra_token": False,
                     "neighbours": 0}),

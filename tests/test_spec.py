@@ -60,6 +60,44 @@ def test_newer_formats_and_bad_shape_records_are_refused():
         QuantizationSpec.read({"format_version": 2})
 
 
+@pytest.mark.parametrize("attrs, words", [
+    ({"vision_model.encoder": {"__class__": 3}}, "not a dotted path of module names"),
+    ({"vision_model.encoder": {"layers.0.self_attn._forward_hooks": 1}}, "not a dotted path"),
+    ({"vision_model.encoder": {"gradient_checkpointing": 1}}, "not an attribute structured pruning sets"),
+    ({"vision_model.__class__": {"num_heads": 2}}, "not a dotted path"),
+    ({"vision_model.encoder.layers.0.self_attn": {"num_heads": True}}, "positive integers"),
+])
+def test_a_shape_record_sets_only_the_closed_list_of_attributes(attrs, words):
+    with pytest.raises(SpecError) as e:
+        CheckpointRecord.read({"format_version": 2, "module_attrs": attrs})
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_crafted_module_attrs_fails_to_load_and_changes_no_class(tmp_path):
+    """A checkpoint whose `module_attrs` reaches outside the model (a class attribute through `__class__`, or a
+    method) is refused in one line by `vlmcompress.load` and by the remote-code class, and transformers' classes
+    stay as they were."""
+    from transformers.models.clip import modeling_clip
+
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "tiny-clip", "output": str(out),
+                       "stages": [{"method": "structured_prune", "ratio": 0.5}]}, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    before = dict(vars(modeling_clip.CLIPEncoder))
+    for crafted in ({"vision_model.encoder": {"__class__.forward": 1}},
+                    {"vision_model.encoder.layers.0": {"forward": 1}},
+                    {"vision_model.encoder.layers.0.self_attn": {"k_proj.weight": 1}}):
+        (out / "config.json").write_text(json.dumps(config | {"vlmcompress": config["vlmcompress"] |
+                                                              {"module_attrs": crafted}}))
+        with pytest.raises(Exception) as e:
+            vlmcompress.load(out)
+        assert "module_attrs" in str(e.value) and "\n" not in str(e.value), str(e.value)
+        run = subprocess.run([sys.executable, "-m", "vlmcompress", "inspect", str(out)], capture_output=True,
+                             text=True, check=False)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert dict(vars(modeling_clip.CLIPEncoder)) == before
+
+
 def test_a_new_checkpoint_writes_format_2_with_variants_and_loads(tmp_path):
     out = tmp_path / "out"
     vlmcompress.apply({"model": "tiny-clip", "output": str(out),

@@ -310,3 +310,47 @@ def test_keep_ratio_in_a_recipe(tmp_path):
                       progress=False)
     tower = json.loads((out / "config.json").read_text())["token_reduction"]["towers"][0]
     assert abs(tower["tokens_per_layer"][-1] - 0.5 * 65) <= 2
+
+
+def test_crossget_on_llava_follows_the_llava_rules(tmp_path):
+    """LLaVA's vision tower (sdc17/CrossGET `LLaVA/llava/model/reducer.py`): layer 0 rebuilt from stock modules —
+    the cross token (a copy of CLS, zero offset) appended, eager attention, importance = mean attention received from
+    the non-cross queries + attention received from the cross token (heads averaged), matching on keys averaged
+    over heads — equals the reduced layer. The CLIP rules (key / cross-query cosine, full-width keys) give other
+    tokens on this input."""
+    from vlmcompress.modeling.crossget import complete_graph_soft_matching
+
+    model, _ = reduce("tiny-llava", "crossget", ["vision"], tmp_path, r=8)
+    assert model.config.token_reduction["options"] == {"scoring": "llava"}
+    stock = BUILTIN_TINY["tiny-llava"].tiny_model(0)
+    pixels = BUILTIN_TINY["tiny-llava"].example_inputs(stock, batch_size=2, seed=3)["pixel_values"]
+    vision = stock.model.vision_tower
+    layer = vision.encoder.layers[0]
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = vision.pre_layrnorm(vision.embeddings(pixels))
+        x = torch.cat([x, x[:, :1]], dim=1)  # the cross token
+        b, n, _ = x.shape
+        h = layer.layer_norm1(x)
+        q = attn.q_proj(h).view(b, n, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, attn.num_heads, -1).transpose(1, 2)
+        v = attn.v_proj(h).view(b, n, attn.num_heads, -1).transpose(1, 2)
+        probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # [B, H, N, N]
+        y = x + attn.out_proj((probs @ v).transpose(1, 2).reshape(b, n, -1))
+        received = probs.mean(dim=1)  # [B, queries, keys]
+        importance = received[:, :-1].mean(dim=1) + received[:, -1]
+        protected = torch.zeros(b, n, dtype=torch.bool)
+        protected[:, 0] = protected[:, -1] = True
+        merge, kept, _ = complete_graph_soft_matching(k.mean(dim=1), importance, 8, protected=protected,
+                                                      num_protected=2)
+        y, _ = merge(y)
+        y = y + layer.mlp(layer.layer_norm2(y))
+        expected = y[:, :-1]
+        got = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+        clip_rules = complete_graph_soft_matching(
+            k.transpose(1, 2).reshape(b, n, -1),
+            torch.nn.functional.cosine_similarity(k.transpose(1, 2).reshape(b, n, -1),
+                                                  q.transpose(1, 2).reshape(b, n, -1)[:, -1:], dim=-1),
+            8, protected=protected, num_protected=2)[1]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(clip_rules, kept)

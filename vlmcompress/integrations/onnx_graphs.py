@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError, VlmCompressError
+from ..modeling.llava_tokens import feature_select_strategy
 from ..modeling.spec import token_reduction
 
 
@@ -61,7 +62,7 @@ class LlavaImageEncoder(nn.Module):
         hidden = self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         layers = config.vision_feature_layer
         picked = [hidden[i] for i in ([layers] if isinstance(layers, int) else layers)]
-        if config.vision_feature_select_strategy == "default":
+        if feature_select_strategy(config) == "default":  # "full" where the reduction hands the class token on
             picked = [h[:, 1:] for h in picked]
         return self.model.model.multi_modal_projector(torch.cat(picked, dim=-1))
 

@@ -1,5 +1,6 @@
 """CrossGET (Shi et al., ICML 2024), `algorithm: crossget`: complete-graph soft matching guided by a cross token,
-importance-weighted ensemble, order kept; on vision towers and on the text towers of CLIP / SigLIP (methods.md §3b).
+importance-weighted ensemble, order kept; on vision towers and on the text towers of CLIP / SigLIP (methods.md §3b),
+with the CLIP rules or, on LLaVA's vision tower, the LLaVA rules of the paper's code (`options.scoring`).
 
 The cross token is a learned per-layer parameter (`vlmc_cross_token`, zero-initialised until a training stage
 learns it), declared through the reducer's `setup_layer` hook: `enter_layer` appends it (plus the previous layer's
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .reduction import AttentionInternals, Reducer, ReductionState, register_reducer
+from .token_ops import compute_dtype
 
 
 def complete_graph_soft_matching(
@@ -95,7 +97,8 @@ def complete_graph_soft_matching(
         stuck = torch.isinf(to_survivor.max(dim=-1).values)[..., None]
         dst = torch.where(stuck, fallback, to_survivor).argmax(dim=-1)  # [B, r]
 
-        weights = torch.stack([importance.gather(1, src), importance.gather(1, dst)], dim=-1).float().softmax(-1)
+        weights = torch.stack([importance.gather(1, src), importance.gather(1, dst)], dim=-1)
+        weights = weights.to(compute_dtype(weights)).softmax(-1)
         # survivors' indices, ascending per row (a sort rather than nonzero() keeps the shape static for export)
         kept = survivor.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :num_tokens - r].sort(-1).values
         new_index = torch.zeros(batch_size, num_tokens, dtype=torch.long, device=metric.device)
@@ -163,25 +166,58 @@ def remove_cross_token(layer: nn.Module, x: torch.Tensor, state: ReductionState)
     return x
 
 
+def received_attention_importance(queries: torch.Tensor, keys: torch.Tensor, scale: float,
+                                  bias: torch.Tensor | None) -> torch.Tensor:
+    """
+    CrossGET's importance on LLaVA's vision tower (sdc17/CrossGET `LLaVA/llava/model/reducer.py`): the attention
+    each token receives, averaged over the queries other than the cross token (the last), plus the attention it
+    receives from the cross token, with the attention averaged over heads.
+
+    Args:
+        queries, keys (`torch.Tensor` of shape `(batch_size, heads, num_tokens, head_dim)`): the layer's projections.
+        scale (`float`): the attention scale. bias (`torch.Tensor`, *optional*): the additive attention bias
+            (proportional attention's `log(size)`), broadcastable to `(batch_size, heads, num_tokens, num_tokens)`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_tokens)` in `compute_dtype`.
+    """
+    dtype = compute_dtype(queries, keys)
+    logits = (queries.to(dtype) @ keys.to(dtype).transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    attn = logits.softmax(dim=-1).mean(dim=1)  # [B, queries, keys]
+    return attn[:, :-1].mean(dim=1) + attn[:, -1]
+
+
 def reduce_crossget(layer, x, internals: AttentionInternals, state: ReductionState, r: int) -> torch.Tensor:
-    """CrossGET: complete-graph matching of the keys (all heads), importance = cosine of each key with the cross
-    token's query (the end-of-text token's query on text towers), weighted ensemble, order kept (methods.md §3b).
-    `x` ends with the cross token, which is protected like the class / end-of-text tokens."""
+    """CrossGET (methods.md §3b): complete-graph matching, weighted ensemble, order kept; `x` ends with the cross
+    token, which is protected like the class / end-of-text tokens. Two rule sets, as the paper's code:
+    `scoring: clip` (CLIP / SigLIP; the default of blocks without one) matches full-width keys and scores each
+    token by the cosine of its key with the cross token's query (the end-of-text token's query on text towers);
+    `scoring: llava` (LLaVA's vision tower) matches keys averaged over heads and scores each token by the attention
+    it receives ([`received_attention_importance`])."""
     if r <= 0:
         return x
     b, n, _ = x.shape
-    keys = internals.keys.transpose(1, 2).reshape(b, n, -1)  # [B, N, D]: full-width keys
-    queries = internals.queries.transpose(1, 2).reshape(b, n, -1)
     protected = torch.zeros(b, n, dtype=torch.bool, device=x.device)
     protected[:, -1] = True  # the cross token
-    if state.text is not None:
-        protected[:, :-1] |= state.eot
-        protected[:, 0] = True  # begin-of-text
-        guide = queries[:, :-1][state.eot][:, None]  # [B, 1, D] the end-of-text query
-    else:
+    if state.text is None and state.options.get("scoring") == "llava":
         protected[:, 0] |= state.class_token
-        guide = queries[:, -1:]
-    importance = (F.normalize(keys.float(), dim=-1) @ F.normalize(guide.float(), dim=-1).transpose(1, 2))[..., 0]
+        keys = internals.keys.mean(dim=1)  # [B, N, head_dim]
+        importance = received_attention_importance(internals.queries, internals.keys, internals.scale,
+                                                   internals.bias)
+    else:
+        keys = internals.keys.transpose(1, 2).reshape(b, n, -1)  # [B, N, D]: full-width keys
+        queries = internals.queries.transpose(1, 2).reshape(b, n, -1)
+        if state.text is not None:
+            protected[:, :-1] |= state.eot
+            protected[:, 0] = True  # begin-of-text
+            guide = queries[:, :-1][state.eot][:, None]  # [B, 1, D] the end-of-text query
+        else:
+            protected[:, 0] |= state.class_token
+            guide = queries[:, -1:]
+        dtype = compute_dtype(keys, guide)
+        importance = (F.normalize(keys.to(dtype), dim=-1) @ F.normalize(guide.to(dtype), dim=-1).transpose(1, 2))[..., 0]
     group = None
     if state.valid is not None:
         group = (~state.valid).long()
@@ -204,8 +240,12 @@ def reduce_crossget(layer, x, internals: AttentionInternals, state: ReductionSta
 
 
 def crossget_scoring_flops(n: int, r: int, shape, options: dict) -> int:
-    """FLOPs of CrossGET's scoring for `n` tokens (the cross token included) at full key width: the importance
-    (`n` keys against one guide query), the complete graph (`n × n`) and the fallback rows (`r × n`)."""
+    """FLOPs of CrossGET's scoring for `n` tokens (the cross token included). CLIP rules, at full key width: the
+    importance (`n` keys against one guide query), the complete graph (`n × n`) and the fallback rows (`r × n`).
+    LLaVA rules: the attention probabilities again (`q · kᵀ`, `n × n` at full width; the layer's own attention runs
+    fused), then the graph and the fallback rows on head-averaged keys."""
+    if options.get("scoring") == "llava":
+        return 2 * n * n * shape.width + 2 * n * n * shape.head_dim + 2 * r * n * shape.head_dim
     return 2 * n * shape.width + 2 * n * n * shape.width + 2 * r * n * shape.width
 
 

@@ -25,7 +25,8 @@ from .configuration_vlmcompress import (
     VlmcLlavaConfig,
     VlmcSiglipConfig,
 )
-from .llava_tokens import kept_placeholder_mask, llava_image_token_counts, shrink_placeholder_runs
+from .llava_tokens import (feature_select_strategy, image_token_offsets, kept_image_positions,
+                           llava_image_token_counts, placeholder_keep_mask, select_prompt_tokens)
 from .quantized import apply_quantization
 from .reduction import apply_token_reduction
 from .shapes import apply_shape_record, patch_fused_attention
@@ -92,58 +93,80 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(config)
         setup_compressed(self)
 
-    def _shrink(self, input_ids, *aligned, keep: int | None = None):
-        full, static_keep = llava_image_token_counts(self.config)
-        keep = static_keep if keep is None else keep
-        if input_ids is None or keep == full:
-            return (input_ids, *aligned)
-        per_row = (input_ids == self.config.image_token_id).sum(dim=1)
-        if bool((per_row % full != 0).any()) or int(per_row.max()) == 0:
-            return (input_ids, *aligned)  # already shortened (or no image): nothing to do
-        return shrink_placeholder_runs(input_ids, self.config.image_token_id, full, keep, *aligned)
-
     def _data_dependent(self) -> bool:
         spec = token_reduction(self.config)
         return spec is not None and spec.data_dependent
-
-    def _encode_images(self, pixel_values, kwargs) -> tuple[dict, int]:
-        """Run the vision tower now: (`mm_encoder_outputs` for the stock forward, image tokens per image)."""
-        image = self.model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
-        return {"image": image}, int(image.pooler_output[0].shape[0])
 
     def _keep_positions(self) -> bool:
         spec = token_reduction(self.config)
         return spec is not None and bool(spec.options.get("keep_positions"))
 
-    def _kept_mask(self, input_ids):
-        """`[B, L]` bool over a full prompt: text and the placeholders of the image tokens the vision tower kept."""
+    def _vision_state(self):
         tower = token_reduction(self.config).tower("vision")
-        state = self.get_submodule(tower.layers_path.rpartition(".")[0])._vlmc_state
-        source = state.source_index  # [images, tokens] ascending, 0 = CLS
-        full, _ = llava_image_token_counts(self.config)
-        offsets = source[:, 1:] - 1 if self.config.vision_feature_select_strategy == "default" else source
-        return kept_placeholder_mask(input_ids, self.config.image_token_id, full, offsets)
+        return self.get_submodule(tower.layers_path.rpartition(".")[0])._vlmc_state
+
+    def _strategy(self, kwargs) -> str | None:
+        """The feature strategy to run `get_image_features` with ("full" where the reduction hands the class token
+        on, as VisionZip does)."""
+        given = kwargs.get("vision_feature_select_strategy")
+        return feature_select_strategy(self.config) if given is None else given
+
+    def _encode_images(self, pixel_values, kwargs) -> tuple[dict, int | torch.Tensor]:
+        """Run the vision tower now: (`mm_encoder_outputs` for the stock forward, image tokens per image: one count,
+        or a count per image `[num_images]` when the reduction chose one per image)."""
+        strategy = self._strategy(kwargs)
+        image = self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=strategy, return_dict=True)
+        rows = self._vision_state().row_tokens  # tokens of each padded row, CLS included
+        if rows is None:
+            return {"image": image}, int(image.pooler_output[0].shape[0])
+        counts = rows - int(strategy == "default")
+        image.pooler_output = [f[:c] for f, c in zip(image.pooler_output, counts.tolist())]
+        return {"image": image}, counts
+
+    def _reduced_prompt(self, input_ids, attention_mask, position_ids, labels, keep=None, generating=False):
+        """A full prompt (the processor's placeholder runs) edited for the reduced image tokens: each run shortened
+        to its image's tokens (with `keep_positions`, the kept tokens take the positions of the patches they stand
+        at); rows padded when images keep different counts. Returns (input_ids, attention_mask, position_ids,
+        labels)."""
+        unchanged = (input_ids, attention_mask, position_ids, labels)
+        token = self.config.image_token_id
+        full, static_keep = llava_image_token_counts(self.config)
+        if input_ids is None:
+            return unchanged
+        per_row = (input_ids == token).sum(dim=1)
+        if bool((per_row % full != 0).any()) or int(per_row.max()) == 0:
+            return unchanged  # already shortened (or no image): nothing to do
+        keep = static_keep if keep is None else keep
+        if self._keep_positions():
+            if position_ids is None:  # what the stock model would use for the full prompt
+                if generating and attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+                else:
+                    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            state = self._vision_state()
+            offsets = image_token_offsets(self.config, state.source_index)  # ascending, 0 = CLS
+            counts = keep if isinstance(keep, torch.Tensor) else None
+            kept, position_ids = kept_image_positions(input_ids, position_ids.expand_as(input_ids), token, full,
+                                                      offsets, counts)
+        elif isinstance(keep, int) and keep == full:
+            return unchanged
+        else:
+            kept = placeholder_keep_mask(input_ids, token, full, keep)
+        pad = getattr(self.config.text_config, "pad_token_id", None)
+        return select_prompt_tokens(kept, input_ids, attention_mask, position_ids, labels, pad or 0)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
                 **kwargs):
         if pixel_values is not None:
             keep = None
+            kwargs["vision_feature_select_strategy"] = self._strategy(kwargs)
             if self._data_dependent() or self._keep_positions():
                 kwargs["mm_encoder_outputs"], keep = self._encode_images(pixel_values, kwargs)
                 pixel_values = None
-            if self._keep_positions() and input_ids is not None:
-                kept = self._kept_mask(input_ids)
-                if position_ids is None:  # what the stock forward would use for the full prompt
-                    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-                b = input_ids.shape[0]
-                input_ids, attention_mask, position_ids, labels = (
-                    None if t is None else t[kept].view(b, -1, *t.shape[2:])
-                    for t in (input_ids, attention_mask, position_ids, labels))
-            else:
-                input_ids, attention_mask, position_ids, labels = self._shrink(input_ids, attention_mask,
-                                                                               position_ids, labels, keep=keep)
+            input_ids, attention_mask, position_ids, labels = self._reduced_prompt(
+                input_ids, attention_mask, position_ids, labels, keep)
         fastv = getattr(self.model, "_vlmc_fastv", None)
         if fastv is None or labels is None:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
@@ -160,21 +183,17 @@ class VlmcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         placeholder runs), so `out[:, prompt_length:]` is the generated text as with the stock model."""
         prompt = kwargs.pop("input_ids", inputs)
         input_ids = prompt
-        if kwargs.get("pixel_values") is not None and self._keep_positions() and prompt is not None:
-            kwargs["mm_encoder_outputs"], _ = self._encode_images(kwargs.pop("pixel_values"), kwargs)
-            kept = self._kept_mask(prompt)
-            b = prompt.shape[0]
-            mask = kwargs.get("attention_mask")
-            mask = torch.ones_like(prompt) if mask is None else mask
-            if kwargs.get("position_ids") is None:  # generate's rule, applied to the full prompt
-                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            kwargs["position_ids"] = kwargs["position_ids"].expand_as(prompt)[kept].view(b, -1)
-            input_ids, kwargs["attention_mask"] = prompt[kept].view(b, -1), mask[kept].view(b, -1)
-        elif kwargs.get("pixel_values") is not None:
+        if kwargs.get("pixel_values") is not None and prompt is not None:
             keep = None
-            if self._data_dependent():
+            if self._data_dependent() or self._keep_positions():
                 kwargs["mm_encoder_outputs"], keep = self._encode_images(kwargs.pop("pixel_values"), kwargs)
-            input_ids, kwargs["attention_mask"] = self._shrink(prompt, kwargs.get("attention_mask"), keep=keep)
+            mask = kwargs.get("attention_mask")
+            input_ids, mask, positions, _ = self._reduced_prompt(prompt, mask, kwargs.get("position_ids"), None, keep,
+                                                                 generating=True)
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+            if positions is not None:
+                kwargs["position_ids"] = positions
         out = super().generate(input_ids, **kwargs)
         if input_ids is prompt or prompt is None:
             return out

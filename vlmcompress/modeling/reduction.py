@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .patching import swap_forward
-from .spec import TextTowerSpec, TokenReductionSpec, TowerSpec
+from .spec import FIRST_VARIANT, TextTowerSpec, TokenReductionSpec, TowerSpec
+from .token_ops import compute_dtype
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ReductionState:
     class_token: bool
     proportional_attention: bool
     options: dict[str, Any] = field(default_factory=dict)
+    variant: int = FIRST_VARIANT  # the version of the algorithm's computation the checkpoint was written with (spec.py)
     text: TextTowerSpec | None = None
     trace_source: bool = False
     size: torch.Tensor | None = None  # [B, N, 1] original tokens per token
@@ -54,21 +56,28 @@ class ReductionState:
     # [B, N'] input-token index each token stands at after a single-point reduction (VisionZip / PruMerge), for
     # LLaVA to give the kept image tokens their original position ids
     source_index: torch.Tensor | None = None
+    # [B] image tokens of each row of the reduced output when rows keep different counts (PruMerge's per-image
+    # adaptive count; the rows are padded at the end), else None
+    row_tokens: torch.Tensor | None = None
+    layers: tuple = ()  # the tower's layers, for a reducer that reads the layer after its own (PruMerge)
 
     def reset(self) -> None:
         self.size, self.source, self.tokens, self.merging_layers = None, None, [], 0
         self.cross, self.valid, self.eot, self.old_to_new = None, None, None, None
-        self.source_index = None
+        self.source_index, self.row_tokens = None, None
 
 
 @dataclass
 class AttentionInternals:
-    """What a reducer may read from the layer's attention: `queries` / `keys` `[B, heads, N, head_dim]`, and the
-    class token's attention row averaged over heads `[B, N]` (only when the reducer asks for it)."""
+    """What a reducer may read from the layer's attention: `queries` / `keys` `[B, heads, N, head_dim]`, the
+    class token's attention row averaged over heads `[B, N]` (only when the reducer asks for it), the additive
+    attention `bias` the layer used (broadcastable to `[B, heads, N, N]`, or None) and its `scale`."""
 
     queries: torch.Tensor
     keys: torch.Tensor
     cls_attention: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,7 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
     logits = (query @ k.transpose(-1, -2)) * scale  # [B, H, 1, N]
     if bias is not None:
         logits = logits + (bias[..., :1, :] if class_token or bias.shape[-2] == 1 else bias.mean(dim=-2, keepdim=True))
-    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0].to(q.dtype)
+    return logits.to(compute_dtype(logits)).softmax(dim=-1).mean(dim=1)[:, 0].to(q.dtype)
 
 
 def attention_with_internals(attn: nn.Module, hidden_states: torch.Tensor, bias: torch.Tensor | None,
@@ -194,7 +203,7 @@ def attention_with_internals(attn: nn.Module, hidden_states: torch.Tensor, bias:
         bias = bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
     cls = class_attention(q, k, attn.scale, bias, class_token) if want_cls_attention else None
-    return out_proj(out.transpose(1, 2).reshape(b, n, -1)), AttentionInternals(q, k, cls)
+    return out_proj(out.transpose(1, 2).reshape(b, n, -1)), AttentionInternals(q, k, cls, bias, attn.scale)
 
 
 def attention_with_metric(attn: nn.Module, hidden_states: torch.Tensor,
@@ -299,7 +308,8 @@ def end_of_text_mask(input_ids: torch.Tensor, text: TextTowerSpec) -> torch.Tens
     return F.one_hot(index, n).bool()
 
 
-def patch_tower(model: nn.Module, tower: TowerSpec, algorithm: str = "tome", options: dict | None = None) -> Any:
+def patch_tower(model: nn.Module, tower: TowerSpec, algorithm: str = "tome", options: dict | None = None,
+                variant: int = FIRST_VARIANT) -> Any:
     """Turn the encoder layers at `tower.layers_path` into reducing layers with per-layer `tower.r` (or hand the
     tower to the reducer's own patcher for its `kind`, or for the whole algorithm)."""
     tower = TowerSpec.read(tower)
@@ -317,7 +327,7 @@ def patch_tower(model: nn.Module, tower: TowerSpec, algorithm: str = "tome", opt
     text = tower.text
     state = ReductionState(algorithm=algorithm, class_token=bool(tower.class_token),
                            proportional_attention=bool(tower.proportional_attention), options=dict(options or {}),
-                           text=text)
+                           variant=int(variant), text=text, layers=tuple(layers))
     for i, (layer, r) in enumerate(zip(layers, tower.r)):
         swap_forward(layer, reducing_layer_forward, "TokenReducing")
         layer._vlmc_state = state
@@ -362,7 +372,7 @@ def apply_token_reduction(model: nn.Module, spec) -> dict[str, Any]:
         return {}
     states = {}
     for tower in spec.towers:
-        state = patch_tower(model, tower, spec.algorithm, spec.options)
+        state = patch_tower(model, tower, spec.algorithm, spec.options, spec.variant)
         if tower.kind is None:
             states[tower.component] = state
     model._vlmc_reduction = (spec.algorithm, states)

@@ -14,11 +14,17 @@ from torch import nn
 from .patching import swap_forward
 
 
-def set_dotted_attr(root: object, dotted: str, value: object) -> None:
+def set_dotted_attr(root: nn.Module, dotted: str, value: int) -> None:
+    """Set the integer attribute `dotted` (`"attention.num_attention_heads"`) of a submodule of `root`: the path runs
+    through submodules only, and only an existing integer attribute is replaced (a shape record changes sizes, never
+    methods or classes; `CheckpointRecord.read` also checks the names against `SHAPE_ATTRIBUTES`)."""
     *parents, last = dotted.split(".")
-    for part in parents:
-        root = getattr(root, part)
-    setattr(root, last, value)
+    owner = root.get_submodule(".".join(parents)) if parents else root
+    current = getattr(owner, last, None)
+    if last.startswith("_") or not isinstance(current, int) or isinstance(current, bool):
+        raise ValueError(f"module attribute {dotted!r} of {type(root).__name__} is not an integer setting "
+                         f"(found {type(current).__name__}); the shape record cannot set it")
+    setattr(owner, last, value)
 
 
 def apply_shape_record(
@@ -35,7 +41,11 @@ def apply_shape_record(
         if isinstance(module, nn.Linear) and param_name == "weight":
             module.out_features, module.in_features = shape
     for module_path, attrs in module_attrs.items():
-        module = model.get_submodule(module_path)
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ValueError(f"vlmcompress.module_attrs names {module_path!r}, which is not a module of this "
+                             f"{type(model).__name__}; the checkpoint does not match its config") from None
         for attr, value in attrs.items():
             set_dotted_attr(module, attr, value)
 

@@ -33,8 +33,22 @@ QUANTIZATION_FORMAT = 1
 FIRST_VARIANT = 1
 
 
+# the module attributes a pruning record may set (head counts and widths that structured pruning rewrites): a
+# closed list, so that a checkpoint's config can change shapes and settings, never arbitrary attributes
+SHAPE_ATTRIBUTES = frozenset({"num_heads", "num_attention_heads", "num_key_value_heads", "all_head_size",
+                              "intermediate_size", "embed_dim"})
+
+
 class SpecError(ValueError):
     """A checkpoint record that does not follow its schema (a ValueError: the modeling code needs nothing else)."""
+
+
+def _check_path(path: Any, where: str) -> None:
+    """A dotted path of plain names (`a.b.0.c`): no private or dunder parts, nothing but identifiers and indices."""
+    parts = path.split(".") if isinstance(path, str) else None
+    if not parts or any(not (p.isidentifier() or p.isdigit()) or p.startswith("_") for p in parts):
+        raise SpecError(f"{where}: {path!r} is not a dotted path of module names (private and dunder names are not "
+                        "allowed); this checkpoint was not written by vlmcompress or was edited by hand")
 
 
 def _check(value: Any, kind: Any, where: str) -> Any:
@@ -141,7 +155,7 @@ class TowerSpec(Record):
     image-token pruning in BLIP's text encoder); `hook_path` is the module whose forward starts a pass (default: the
     layers' parent); `text` describes a text tower. FastV's tower (the language model's decoder layers) also records
     its `layer` K, `keep_ratio`, the `image_token_id` and the module (`inputs_path`) whose inputs locate the image
-    tokens. `data_dependent`: the counts are upper bounds, chosen per batch at run time.
+    tokens. `data_dependent`: the counts are upper bounds, chosen per image at run time.
     """
 
     component: str
@@ -186,7 +200,7 @@ class TowerSpec(Record):
 @dataclass
 class TokenReductionSpec(Record):
     """The `token_reduction` block: which algorithm (and which `variant` of its computation), its options, its
-    towers. `data_dependent`: some tower's token count is chosen per batch at run time."""
+    towers. `data_dependent`: some tower's token count is chosen per image at run time."""
 
     algorithm: str
     towers: list[TowerSpec]
@@ -251,10 +265,20 @@ class CheckpointRecord(Record):
         for name, shape in record.param_shapes.items():
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
                 raise SpecError(f"vlmcompress.param_shapes[{name!r}] must be a list of sizes, got {shape!r}")
+        for name in record.param_shapes:
+            _check_path(name, f"vlmcompress.param_shapes[{name!r}]")
         for name, attrs in record.module_attrs.items():
-            if not (isinstance(attrs, dict) and all(isinstance(v, int) for v in attrs.values())):
-                raise SpecError(f"vlmcompress.module_attrs[{name!r}] must map attribute names to integers, "
+            _check_path(name, f"vlmcompress.module_attrs[{name!r}]")
+            if not (isinstance(attrs, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                    for v in attrs.values())):
+                raise SpecError(f"vlmcompress.module_attrs[{name!r}] must map attribute names to positive integers, "
                                 f"got {attrs!r}")
+            for attr in attrs:
+                _check_path(attr, f"vlmcompress.module_attrs[{name!r}][{attr!r}]")
+                if attr.rpartition(".")[2] not in SHAPE_ATTRIBUTES:
+                    raise SpecError(f"vlmcompress.module_attrs[{name!r}]: {attr!r} is not an attribute structured "
+                                    f"pruning sets (allowed: {', '.join(sorted(SHAPE_ATTRIBUTES))}); this checkpoint "
+                                    "was not written by vlmcompress or was edited by hand")
         return record
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["do_nothing", "gather_tokens", "keep_count", "merge_source", "merge_wavg", "parse_r", "r_for_keep_ratio",
+__all__ = ["compute_dtype", "do_nothing", "gather_tokens", "keep_count", "merge_source", "merge_wavg", "parse_r", "r_for_keep_ratio",
            "token_schedule"]
 
 
@@ -68,6 +68,16 @@ def merge_source(merge: Callable, x: torch.Tensor, source: torch.Tensor | None =
         source = torch.eye(num_tokens, device=x.device, dtype=x.dtype)[None].expand(batch_size, num_tokens, num_tokens)
 
     return merge(source, mode="amax")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype scores and merges are computed in: `torch.promote_types(dtype, torch.float32)` over the inputs, so
+    float32 and float64 follow the papers' code exactly (it computes in the input dtype) while half precision is
+    computed in float32 (an addition to the papers: a bf16 softmax over hundreds of tokens ranks ties at random)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

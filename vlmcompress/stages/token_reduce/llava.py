@@ -4,10 +4,11 @@
 - `fastv` (Chen et al., ECCV 2024): after decoder layer `layer` (K, default 2) of the language model, the image tokens
   that the last prompt token attends to least (mean over heads, at layer K) are dropped for the remaining layers of
   the prefill; `keep_ratio` (default 0.5) of each prompt's image tokens stay. `components: [llm]`.
-- `visionzip` (Yang et al., 2024): at the output of LLaVA's feature layer (`vision_feature_layer`), keep the CLS
-  token, the `dominant` patches with the highest CLS attention and `contextual` tokens that average the remaining
-  patches grouped by key similarity; or `keep_ratio` of the patches, split 54:10 as VisionZip's 64-token setting.
-  Default: VisionZip's default 191 + 30 of 576 patches, scaled to the tower.
+- `visionzip` (Yang et al., 2024): at the output of LLaVA's feature layer (`vision_feature_layer`), keep `dominant`
+  tokens (CLS and the `dominant - 1` patches with the highest CLS attention) and `contextual` tokens (an anchor plus
+  the mean of the remaining patches most key-similar to it); CLS goes on to the language model. Or `keep_ratio` of
+  the patches, split 54:10 as VisionZip's 64-token setting. Default: VisionZip's default 191 + 30 for 576 patches,
+  scaled to the tower.
 - `prumerge` (Shang et al., 2024): at the same point, keep the patches whose CLS attention is an outlier
   (`mode: adaptive`, IQR over the batch, so the count depends on the images) or the `keep_ratio` most attended
   (`mode: fixed`); each kept patch absorbs its `neighbours` most key-similar patches weighted by their CLS
@@ -15,8 +16,10 @@
   stride of patches added, about three per outlier).
 - `keep_positions: true` (VisionZip, PruMerge; not in the papers): the kept image tokens reach the language model in
   their original order at the position ids they had in the full prompt (a contextual token at its anchor's, the
-  extra token at the first dropped patch's), as FastV keeps them, instead of closing the gaps; the text after the
-  image keeps its positions too.
+  extra token at the first dropped patch's, VisionZip's CLS token at the first image placeholder's, which it shares
+  with patch 1 when that is kept), as FastV keeps them, instead of closing the gaps; the text after the image keeps
+  its positions too. The number of image placeholders kept per image is `llava_image_token_counts` (modeling
+  `llava_tokens.py`): VisionZip's `dominant + contextual`, PruMerge's kept patches + the extra token.
 
 The LLaVA class of the checkpoint shortens the processor's image placeholders to the reduced count (adaptive mode:
 after running the vision tower, so the block is flagged `data_dependent: true` and cannot be exported with fixed
@@ -92,7 +95,7 @@ class LlavaReductionConfig(TokenReduceConfig):
         details = super().details(block)
         tower = block.towers[0]
         if block.data_dependent:
-            details["data_dependent"] = ("adaptive: the number of image tokens is chosen per batch at run time (IQR "
+            details["data_dependent"] = ("adaptive: the number of image tokens is chosen per image at run time (IQR "
                                          f"outliers of the CLS attention); at most {tower.num_tokens} per image")
         return details
 
@@ -130,7 +133,7 @@ def plan(cfg, model, adapter) -> dict[str, Any]:
                                  options=block.options, extra_tokens=text)
         vision_gflops = None
     else:
-        drop_cls = n_image == tower.num_tokens - 1
+        drop_cls = n_image == tower.num_tokens - 1 and not block.options.get("class_token_to_llm")
         after_image = tower.tokens_per_layer[block.options["layer"]] - int(drop_cls)
         llm_after = tower_gflops(model, adapter, "llm", [after_image] * llm_layers, extra_tokens=text)
         n0 = tower.num_tokens
@@ -145,5 +148,5 @@ def plan(cfg, model, adapter) -> dict[str, Any]:
     if vision_gflops is not None:
         out["vision_encoder_gflops_estimate"] = vision_gflops
     if block.data_dependent:  # the "after" figures are upper bounds
-        out["tokens"] = [tower.num_tokens, f"at most {tower.num_tokens}, chosen per batch at run time"]
+        out["tokens"] = [tower.num_tokens, f"at most {tower.num_tokens}, chosen per image at run time"]
     return out
