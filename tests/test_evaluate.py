@@ -206,9 +206,11 @@ def test_corrupt_shipped_weights_are_retrained_into_the_cache(tmp_path, monkeypa
         calls.append((name, folder))
         shutil.copytree(SHIPPED, folder)
 
+    assert not zoo.verify(tmp_path / "zoo" / "shapes-clip-small")
     folder = zoo.zoo_folder("shapes-clip-small", retrain=retrain)
-    assert calls == [("shapes-clip-small", tmp_path / "cache" / "shapes-clip-small")]
+    assert [name for name, _ in calls] == ["shapes-clip-small"]  # trained into a temporary folder, then renamed
     assert folder == tmp_path / "cache" / "shapes-clip-small" and zoo.verify(folder)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".shapes-clip-small.lock", "shapes-clip-small"]
     # the verified cache is used from now on, without retraining
     assert zoo.zoo_folder("shapes-clip-small", retrain=retrain) == folder and len(calls) == 1
 
@@ -234,3 +236,36 @@ def test_unknown_teacher_lists_the_names():
     assert "'shapes-clip-tiny'" in message
     assert all(name in message for name in zoo.ZOO) and len(zoo.ZOO) >= 4
 
+
+
+CONCURRENT_FIRST_USE = """
+import shutil, sys, time
+from pathlib import Path
+from vlmcompress import zoo
+zoo.ZOO_DIR = Path(sys.argv[1])
+def retrain(name, folder):
+    with open(sys.argv[3], "a") as log:
+        log.write("trained\\n")
+    time.sleep(1.0)  # long enough for the other process to arrive while this one trains
+    shutil.copytree(sys.argv[2], folder)
+print(zoo.zoo_folder("shapes-clip-small", retrain=retrain))
+"""
+
+
+def test_two_processes_on_an_empty_cache_train_once_and_both_get_the_teacher(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    corrupt_copy(tmp_path / "zoo" / "shapes-clip-small")
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, VLMCOMPRESS_CACHE=str(tmp_path / "cache"))
+    args = [sys.executable, "-c", CONCURRENT_FIRST_USE, str(tmp_path / "zoo"), str(SHIPPED), str(log)]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert log.read_text() == "trained\n"  # the second waited for the first, then found the verified entry
+    assert {o.strip().splitlines()[-1] for o, _ in outs} == {str(tmp_path / "cache" / "shapes-clip-small")}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".shapes-clip-small.lock", "shapes-clip-small"]
+    assert zoo.verify(tmp_path / "cache" / "shapes-clip-small")

@@ -703,3 +703,21 @@ def test_keep_positions_batched_equals_alone_and_reloads(stage, tmp_path):
         again = loaded.generate(**batch, **kwargs)
     assert torch.equal(again.sequences, together.sequences)
     torch.testing.assert_close(again.logits[0], together.logits[0])
+
+
+def test_prumerge_plus_never_hands_more_tokens_than_placeholders(tmp_path, monkeypatch):
+    """Many outliers make PruMerge+'s stride 1: outliers and stride points cover every patch, and with the extra
+    token the paper's code would hand the language model one token more than the processor wrote placeholders. The
+    kept patches are capped at P - 1, so the prompt still fits (this forward raised `Image features and image tokens
+    do not match` before the cap)."""
+    import vlmcompress
+    from vlmcompress.modeling import prumerge
+
+    model = vlmcompress.apply({"model": "tiny-llava", "output": str(tmp_path / "out"),
+                               "stages": [PRUMERGE_ADAPTIVE | {"plus": True}]}, progress=False)
+    monkeypatch.setattr(prumerge, "adaptive_keep_count", lambda values: (64, 1.0))  # every patch an outlier
+    inputs = tiny().example_inputs(model, batch_size=2)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert layer_tokens(model, LLM_LAYERS, lambda: model(**inputs)) == [inputs["input_ids"].shape[1]] * 2
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1]  # 63 patches + the extra token = 64 placeholders

@@ -462,8 +462,8 @@ def test_python_name_tag_rejected(tmp_path):
 def _three_stages(**changes):
     stages = [
         {"method": "structured_prune", "ratio": 0.5},
-        {"method": "token_reduce", "r": 4},
         {"method": "token_reduce", "r": [8, 4]},
+        {"method": "quantize", "backend": "torch", "scheme": "int8"},
     ]
     for index, update in changes.items():
         stages[int(index[1:])].update(update)
@@ -477,7 +477,7 @@ def test_prefix_hash_tracks_each_stage():
     assert second_changed.prefix_hash(2) != base.prefix_hash(2)
     assert second_changed.prefix_hash(3) != base.prefix_hash(3)
 
-    third_changed = _three_stages(s2={"proportional_attention": False})
+    third_changed = _three_stages(s2={"scheme": "int8_dynamic"})
     assert [third_changed.prefix_hash(n) for n in (0, 1, 2)] == [base.prefix_hash(n) for n in (0, 1, 2)]
     assert third_changed.prefix_hash(3) != base.prefix_hash(3)
 
@@ -508,8 +508,8 @@ def test_build_stages_needs_a_stage():
 
 def test_build_stages_instantiates_in_order():
     stages = build_stages(_three_stages())
-    assert [s.config.method for s in stages] == ["structured_prune", "token_reduce", "token_reduce"]
-    assert stages[2].config.r == [8, 4]
+    assert [s.config.method for s in stages] == ["structured_prune", "token_reduce", "quantize"]
+    assert stages[1].config.r == [8, 4]
 
 
 def test_recipes_glob_is_rooted_at_the_repository():
@@ -524,3 +524,47 @@ def test_shipped_recipe_loads_and_builds(tmp_path, path):
     assert len(stages) == len(recipe.stages) >= 1
     again = load_recipe(write(tmp_path, recipe.to_yaml()))
     assert again.model_dump() == recipe.model_dump()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bounded input (issue 18): what a few bytes can do to a YAML parser, and values pydantic would let through
+
+BASE = "model: tiny-clip\noutput: out/x\n"
+
+
+@pytest.mark.parametrize("text, line, words", [
+    (BASE + "x: &a [1]\nstages: *a\n", 4, "YAML aliases (*name) are not allowed"),
+    # the 452-byte "billion laughs": 9 levels of 9 aliases each would expand to 9^9 strings
+    ("a: &a [" + ",".join(['"lol"'] * 9) + "]\n" + "".join(
+        f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi")), 2,
+     "YAML aliases"),
+    (BASE + "stages: " + "[" * 100 + "]" * 100 + "\n", 3, "nested deeper than 64 levels"),
+    (BASE + "model: tiny-siglip\nstages: []\n", 3, "key 'model' is given twice in one mapping (also on line 1)"),
+    (BASE + "seed: 100000000000000000000000\nstages: []\n", 3, "seed: Input should be less than or equal to"),
+    (BASE + "stages:\n  - method: token_reduce\n    r: true\n", 5, "expected a number or a name, got true"),
+    (BASE + "stages:\n  - method: token_reduce\n    algorithm: turbo\n    beta: .inf\n", 6, "finite number"),
+    (BASE + "stages:\n  - method: token_reduce\n    algorithm: [tome]\n", 5, "expected one name, got a list"),
+    (BASE + "stages:\n  - method: token_reduce\n    algorithm: {x: 1}\n", 5, "expected one name, got a dict"),
+    (BASE + "data:\n  eval: {builtin: shapes, split: abc}\nstages: []\n", 4, "split 'abc' is not a split"),
+    (BASE + "data:\n  eval: {builtin: shapes, size: 1000000000000}\nstages: []\n", 4, "less than or equal to 10000000"),
+    (BASE + "data:\n  eval: {builtin: [shapes]}\nstages: []\n", 4, "(a list; give one name)"),
+    (BASE + "stages:\n  - method: token_reduce\n  - method: token_reduce\n", 5, "a second token_reduce stage"),
+])
+def test_bounded_input_is_one_line_naming_the_line(tmp_path, text, line, words):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    message = recipe_error(path)
+    assert message.startswith(f"{path}:{line}: ") and words in message and "\n" not in message, message
+    assert "did you mean" not in message or "[" not in message
+
+
+def test_oversized_and_non_utf8_recipes_are_refused_before_parsing(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(BASE + "stages: []\n" + "# padding\n" * 120_000)
+    assert "a recipe is at most 1,048,576 bytes" in recipe_error(big)
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes((BASE + "stages: []\n").encode("utf-16"))
+    assert "not UTF-8 text (byte 0 is 0xff); save the recipe as UTF-8" in recipe_error(utf16)
+    bom = tmp_path / "bom.yaml"  # a UTF-8 byte-order mark is fine
+    bom.write_bytes((BASE + "stages: []\n").encode("utf-8-sig"))
+    assert load_recipe(bom).model == "tiny-clip"

@@ -138,6 +138,10 @@ def _print_plan(recipe_path: Path) -> None:
         stage.check(model, adapter)
     console.print(f"[bold]{recipe_path}[/bold]: model {recipe.model} ({adapter.family}, "
                   f"{count_params(model):,} parameters) → {recipe.output}", highlight=False)
+    unchecked = "the weights (NaN / inf values, corrupt files), the data and the accuracy guards"
+    if recipe.trust_remote_code:
+        unchecked += "; the model's own code (trust_remote_code: a check never runs it)"
+    console.print(f"not checked without weights: {unchecked}", highlight=False)
     table = Table("#", "method", "plan (before → after; estimated from shapes, no weights)")
     for i, stage in enumerate(stages, 1):
         plan = stage.plan(model, adapter)

@@ -8,11 +8,13 @@ import yaml
 from torch import nn
 
 
-def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
+def model_card(recipe, report: dict[str, Any], model: nn.Module, local_source: bool = False) -> str:
+    """The card of an output; `recipe` as the output records it (local paths by their last part); `local_source`:
+    the source model was a local folder (no Hub `base_model` then, and the card says so)."""
     methods = [s.method for s in recipe.stages]
     algos = [getattr(s, "algorithm", None) for s in recipe.stages]
     meta = {
-        "base_model": recipe.model,
+        **({} if local_source else {"base_model": recipe.model}),
         **({"model-index": [{"name": recipe.output, "results": [{
             "task": {"type": "image-text-retrieval"},
             "metrics": [{"type": k, "value": v} for k, v in report["accuracy"]["after"].items()
@@ -22,8 +24,9 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module) -> str:
     }
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {recipe.model} — compressed with vlmcompress", "",
-             f"This checkpoint was produced from `{recipe.model}` by the recipe in `recipe.yaml` "
-             f"({' → '.join(methods)}).", "",
+             f"This checkpoint was produced from `{recipe.model}`"
+             f"{' (a local folder, recorded by its name only)' if local_source else ''} by the recipe in "
+             f"`recipe.yaml` ({' → '.join(methods)}).", "",
              "| | before | after | ratio |", "|---|---|---|---|",
              f"| parameters | {report['params_before']:,} | {report['params_after']:,} | {report['params_ratio']} |"]
     for comp, tokens in report["tokens_per_layer"].items():

@@ -30,7 +30,10 @@ def builtin_names() -> list[str]:
 def load_model(
     name: str, dtype: str = "float32", trust_remote_code: bool = False, meta: bool = False
 ) -> tuple[nn.Module, Any]:
-    """Load `name` as `(model, processor or None)`; `meta=True` builds it on the meta device without weights."""
+    """Load `name` as `(model, processor or None)`; `meta=True` builds it on the meta device without weights, from
+    configs only: a check, which reads no weights, writes nothing and runs no code of the model's own."""
+    if meta:
+        trust_remote_code = False
     path = Path(name)
     if path.is_dir() and _is_onnx_folder(path):
         return _load_onnx(path, meta)
@@ -39,7 +42,7 @@ def load_model(
     from .zoo import ZOO, zoo_folder
 
     if name in ZOO:
-        return _load_folder(str(zoo_folder(name)), dtype, trust_remote_code, meta)
+        return _load_folder(str(zoo_folder(name, config_only=meta)), dtype, trust_remote_code, meta)
     if name in BUILTIN_TINY:
         adapter = BUILTIN_TINY[name]
         with torch.device("meta") if meta else _nullcontext():
@@ -104,6 +107,9 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         except json.JSONDecodeError as e:
             raise ModelLoadError(
                 f"'{config_file}' is not valid JSON ({e}); re-save or re-download the model") from None
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"'{config_file}' holds a JSON {type(raw).__name__}, not a config (a JSON object); "
+                                 "re-save the model with save_pretrained")
         if str(raw.get("model_type", "")).startswith("vlmcompress_"):
             from .checkpoint import load
 
@@ -112,8 +118,12 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError / ValueError / HTTP errors depending on the cause
         where = "folder" if local else "Hub id"
+        if meta and "trust_remote_code" in str(e):
+            raise ModelLoadError(f"the config of {where} '{name}' needs the model's own code, which a check never "
+                                 "runs; apply runs it when the recipe says trust_remote_code: true") from None
         raise ModelLoadError(f"could not read the config of {where} '{name}' ({_short(e)}); check the name") from None
     cls = _stock_class(config)
+    _check_token_ids(config, name)
     try:
         if meta:
             with torch.device("meta"):
@@ -124,6 +134,24 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         raise ModelLoadError(
             f"could not load the weights of '{name}' ({_short(e)}); the files may be corrupt") from None
     return model.eval(), (None if meta else _load_processor(name))
+
+
+def _check_token_ids(config, name: str) -> None:
+    """A text config whose special token ids lie outside its vocabulary (e.g. CLIP's default `eos_token_id` 49407 with
+    a 1,000-token vocabulary: transformers only warns) would fail deep inside a forward; say so now."""
+    for key in ("text_config", None):
+        sub = getattr(config, key, None) if key else config
+        vocab = getattr(sub, "vocab_size", None)
+        if not isinstance(vocab, int):
+            continue
+        for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int) and not 0 <= value < vocab:
+                where = f"{key}.{attr}" if key else attr
+                raise ModelLoadError(f"model '{name}': {where} is {value}, outside its vocabulary of {vocab:,} tokens; "
+                                     f"set {where} in its config.json to the tokenizer's id")
+        if key is None:
+            break
 
 
 def _load_processor(name: str) -> Any:

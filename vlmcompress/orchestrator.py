@@ -7,6 +7,7 @@ the last stage whose hash still matches. The output folder appears only by an at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ from .accuracy import check_guards, eval_rows, measure
 from .adapters import adapter_for
 from .bench import quick_speed
 from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
-from .errors import ModelLoadError, OutputError, StageOrderError
+from .errors import ModelLoadError, StageOrderError
 from .model_card import model_card
+from .outputs import (RunLock, apply_umask, atomic_write_dir, check_output, public_recipe, reset_work_dir,
+                      work_dir_for)
 from .modeling.reduction import counted_tokens
 from .modeling.spec import TokenReductionSpec
 from .models import load_model
@@ -77,37 +80,6 @@ def _describe(source) -> str:
     return ", ".join(f"{k}: {v}" for k, v in source.model_dump(exclude_none=True).items() if k != "size")
 
 
-def work_dir_for(output: Path) -> Path:
-    return output.parent / f"{output.name}.vlmcompress-work"
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise OutputError(f"output folder '{output}' already exists; pass --overwrite to replace it "
-                          "or choose another --output")
-    parent = output.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".vlmcompress-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"cannot write into '{parent}' ({e.strerror}); choose a writable --output") from None
-
-
-def _atomic_write_dir(target: Path, write) -> None:
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def _find_resume_point(work: Path, recipe: Recipe) -> tuple[int, Path | None]:
     """(number of completed stages that still match the recipe, their checkpoint folder)."""
     done, folder = 0, None
@@ -149,13 +121,19 @@ def apply(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(output or recipe.output)
     stages = build_stages(recipe)
-    given_model = model is not None
     # launched on several processes (torchrun / accelerate launch): every process runs every stage on its replica
     # (the trainer shards the data), only the main process measures and writes
     main, world_size = is_main_process(), process_count()
     progress = progress and main
     if save:
-        check_output(out, overwrite)
+        check_output(out, overwrite, recipe.model)
+    # one run at a time per output (the main process writes): held until the output folder is in place
+    with RunLock(out) if save and main else contextlib.nullcontext():
+        return _apply(recipe, stages, model, out, resume, overwrite, save, progress, processor, main, world_size)
+
+
+def _apply(recipe, stages, model, out, resume, overwrite, save, progress, processor, main, world_size) -> nn.Module:
+    given_model = model is not None
     torch.manual_seed(recipe.seed)
     if model is None:
         model, loaded_processor = load_model(recipe.model, recipe.dtype, recipe.trust_remote_code)
@@ -166,6 +144,7 @@ def apply(
     adapter = adapter_for(model)
     for stage in stages:
         stage.check(model, adapter)
+    _check_finite(model, recipe.model)
     teacher = _teacher_loader(recipe, model if given_model else None, stages)
 
     ctx = RunContext(model=model, adapter=adapter, recipe=recipe, seed=recipe.seed,
@@ -188,8 +167,8 @@ def apply(
             params_before = meta["params_before_recipe"]
             ctx.reports = [StageReport(**r) for r in meta["reports"]]
             ctx.artifacts = {name: folder / name for name in meta.get("artifacts", [])}
-    elif save and main and work.exists():
-        shutil.rmtree(work)  # a fresh run never reuses stale stage results
+    elif save and main:
+        reset_work_dir(out)  # a fresh run never reuses stale stage results
 
     if start > 0:
         accuracy_out = measure(ctx.model, processor, adapter.family, rows)
@@ -223,11 +202,13 @@ def apply(
                 check_guards(recipe.guards, accuracy_before, accuracy_out, f"{i + 1} ({stage.config.method})")
             bar.update(advance=1)
 
-        model = to_compressed(ctx.model, ctx.compression, adapter, recipe.model)
-        report = run_report(ctx, recipe, params_before) | {"world_size": world_size}
+        # what the output records of its sources: Hub ids as they are, local paths by their last part only
+        shared = public_recipe(recipe)
+        model = to_compressed(ctx.model, ctx.compression, adapter, shared.model)
+        report = run_report(ctx, shared, params_before) | {"world_size": world_size}
         if accuracy_before is not None:
             report["accuracy"] = {"before": accuracy_before, "after": accuracy_out,
-                                  "data": recipe.data.eval.model_dump(mode="json")}
+                                  "data": shared.data.eval.model_dump(mode="json")}
         if speed_before is not None:
             report["speed"] = {"before": speed_before, "after": speed_out,
                                "speedup": round(speed_before["ms_median"] / speed_out["ms_median"], 3),
@@ -235,12 +216,25 @@ def apply(
                                                         speed_out["gflops_per_sample"], 3)}
         if save and main:
             bar.update(description="writing the checkpoint")
-            _atomic_write_dir(out, lambda tmp: save_checkpoint(
-                model, tmp, recipe_yaml=recipe.to_yaml(), report=report, processor=processor,
-                card=model_card(recipe, report, model), artifacts=ctx.artifacts))
+            def write(tmp: Path) -> None:
+                save_checkpoint(model, tmp, recipe_yaml=shared.to_yaml(), report=report, processor=processor,
+                                card=model_card(shared, report, model, local_source=shared.model != recipe.model),
+                                artifacts=ctx.artifacts)
+                apply_umask(tmp)
+
+            atomic_write_dir(out, write, replace=overwrite)
             shutil.rmtree(work, ignore_errors=True)
     model.vlmcompress_report = report
     return model
+
+
+def _check_finite(model: nn.Module, name: str) -> None:
+    """Refuse a source model with NaN / inf weights (what `validate` cannot see without the weights)."""
+    for param_name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise ModelLoadError(f"model '{name}' has {bad:,} NaN / inf values in {param_name}; compressing it would "
+                                 "give a broken checkpoint; fix or re-download the source model")
 
 
 def is_main_process() -> bool:
@@ -304,7 +298,7 @@ def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_
         save_checkpoint(model, tmp, artifacts=ctx.artifacts)
         (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
 
-    _atomic_write_dir(target, write)
+    atomic_write_dir(target, write)
 
 
 def run_report(ctx: RunContext, recipe: Recipe, params_before: int) -> dict[str, Any]:

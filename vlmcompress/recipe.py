@@ -1,7 +1,8 @@
 """The recipe schema and its YAML loader.
 
-A recipe is a YAML file (read with `yaml.safe_load` only) with `model`, `output`, `data`, `seed`, `dtype`,
-`trust_remote_code` and an ordered list of `stages`, each discriminated by its `method:`. Errors name the file, the
+A recipe is a YAML file (read with `yaml.SafeLoader` only; aliases, nesting deeper than 64, keys given twice and
+files over 1 MiB are refused) with `model`, `output`, `data`, `seed`, `dtype`, `trust_remote_code` and an ordered
+list of `stages`, each discriminated by its `method:`. Errors name the file, the
 line, the YAML path and the nearest valid key or method. `Recipe.to_yaml()` writes the resolved recipe (all defaults
 filled in); loading that text again gives an identical recipe.
 """
@@ -44,7 +45,7 @@ class Recipe(StrictModel):
     output: str = Field(description="folder the compressed checkpoint is written to (created atomically)")
     data: DataSpec | None = None
     guards: Guards | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 … 2³² − 1, numpy's range)")
     dtype: DType = Field("float32", description="dtype the source model is loaded in")
     trust_remote_code: bool = Field(False, description="allow custom code of the *source* model to run")
     stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
@@ -78,26 +79,93 @@ def load_recipe(source: str | Path | dict, overrides: dict[str, Any] | None = No
         data = source
     else:
         text, filename = _read_text(source)
-        try:
-            data = yaml.safe_load(text)
-            lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{filename}:{mark.line + 1}" if mark else filename
-            raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        data, lines = parse_yaml(text, filename)
     if not isinstance(data, dict):
         raise RecipeError(f"{filename}: expected a mapping with keys model, output, stages; got {type(data).__name__}")
     data = dict(data) | (overrides or {})
     return _validate(data, filename, lines)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; anything near this is not a recipe
+MAX_RECIPE_DEPTH = 64  # nesting levels of mappings and lists
+
+
 def _read_text(source: str | Path) -> tuple[str, str]:
     path = Path(source)
     if isinstance(source, str) and ("\n" in source or (": " in source and not path.exists())):
-        return source, "<recipe>"
+        return _bounded(source, "<recipe>"), "<recipe>"
     if not path.is_file():
         raise RecipeError(f"recipe file '{source}' not found; expected a YAML file, e.g. recipes/quickstart.yaml")
-    return path.read_text(), str(path)
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes "
+                          "(1 MiB); is this the right file?")
+    raw = path.read_bytes()
+    try:
+        return _bounded(raw.decode("utf-8-sig"), str(path)), str(path)
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save the recipe as "
+                          "UTF-8") from None
+
+
+def _bounded(text: str, filename: str) -> str:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{filename}: more than {MAX_RECIPE_BYTES:,} bytes (1 MiB); a recipe is a short YAML file")
+    return text
+
+
+class _InputError(Exception):
+    """A recipe refused while parsing: `(line, message)`."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases (`*name`: a few hundred bytes can expand to gigabytes), nesting deeper
+    than `MAX_RECIPE_DEPTH` and keys given twice in one mapping (YAML would silently keep the last)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _InputError(self.peek_event().start_mark.line + 1,
+                              "YAML aliases (*name) are not allowed in a recipe; write the value out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_RECIPE_DEPTH:
+                raise _InputError(self.peek_event().start_mark.line + 1,
+                                  f"nested deeper than {MAX_RECIPE_DEPTH} levels; a recipe needs a handful")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise _InputError(key_node.start_mark.line + 1, f"key {key!r} is given twice in one mapping (also "
+                                                                f"on line {seen[key]}); keep one")
+            if key is not None:
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
+    """(data, YAML path → line) of a recipe's text, in one pass of the guarded safe loader."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        return data, _line_map(node)
+    except _InputError as e:
+        line, message = e.args
+        raise RecipeError(f"{filename}:{line}: {message}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    finally:
+        loader.dispose()
 
 
 def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> Recipe:
@@ -123,13 +191,22 @@ def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> R
             config_cls = entry.config_cls.config_class(raw)
         except UnknownChoiceError as e:
             allowed = e.allowed
-            problems.append(_fmt(filename, lines, (*loc, e.key), f"{e.given!r} is not allowed"
-                                 f"{did_you_mean(str(e.given), allowed)}; expected one of: {', '.join(allowed)}"))
+            if isinstance(e.given, str):
+                problems.append(_fmt(filename, lines, (*loc, e.key), f"{e.given!r} is not allowed"
+                                     f"{did_you_mean(e.given, allowed)}; expected one of: {', '.join(allowed)}"))
+            else:
+                problems.append(_fmt(filename, lines, (*loc, e.key), f"expected one name, got a "
+                                     f"{type(e.given).__name__} ({e.given!r}); give one of: {', '.join(allowed)}"))
             continue
         try:
             stages.append(config_cls.model_validate(raw))
         except ValidationError as e:
             problems += [_fmt_pydantic(filename, lines, config_cls, err, loc) for err in _one_per_loc(e)]
+    reducing = [i for i, raw in enumerate(raw_stages) if isinstance(raw, dict) and raw.get("method") == "token_reduce"]
+    for i in reducing[1:]:  # a checkpoint holds one token_reduction block
+        problems.append(_fmt(filename, lines, ("stages", i, "method"), f"a second token_reduce stage (the first is "
+                             f"stages[{reducing[0]}]); a checkpoint holds one token reduction: keep one stage, with "
+                             "components: [...] for several towers"))
     top = {k: v for k, v in data.items() if k != "stages"}
     try:
         recipe = Recipe.model_validate(top | {"stages": []})
@@ -180,7 +257,8 @@ def _fmt_pydantic(filename: str, lines: dict[tuple, int], cls: type[BaseModel], 
     elif kind == "literal_error":
         allowed = _literal_values(cls, loc)
         given = err.get("input")
-        message = f"{given!r} is not allowed{did_you_mean(str(given), allowed)}; expected one of: {', '.join(allowed)}"
+        hint = did_you_mean(given, allowed) if isinstance(given, str) else f" (a {type(given).__name__}; give one name)"
+        message = f"{given!r} is not allowed{hint}; expected one of: {', '.join(allowed)}"
     elif kind == "missing":
         message = "required key is missing"
     elif kind == "value_error":

@@ -7,16 +7,39 @@ from __future__ import annotations
 import typing
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 Component = Literal["vision", "text", "qformer", "projector", "llm"]
 COMPONENTS: tuple[str, ...] = ("vision", "text", "qformer", "projector", "llm")
 
 
-class StrictModel(BaseModel):
-    """Base of every user-authored schema: unknown keys are errors, assignments are validated."""
+def accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type takes `true` / `false` (bool, Any, or a union / Literal that holds one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return accepts_bool(typing.get_args(annotation)[0])
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(accepts_bool(a) for a in typing.get_args(annotation))
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """Base of every user-authored schema: unknown keys are errors, assignments are validated, `.inf` / `.nan`
+    are not numbers, and `true` / `false` are not numbers either (pydantic would read them as 1 / 0)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(value, bool) and field is not None and not accepts_bool(field.annotation):
+            raise ValueError(f"expected a number or a name, got {str(value).lower()} (a yes/no value)")
+        return value
 
 
 class StageConfig(StrictModel):
@@ -80,7 +103,7 @@ class PluggableStageConfig(StageConfig):
     @classmethod
     def config_class(cls, data: Any) -> type[StageConfig]:
         name = data.get(cls.choice_key, cls.choice_default) if isinstance(data, dict) else cls.choice_default
-        if name not in cls.registry:
+        if not isinstance(name, str) or name not in cls.registry:
             raise UnknownChoiceError(cls.choice_key, name, list(cls.registry))
         return cls.registry[name]
 

@@ -11,10 +11,12 @@ A shipped folder whose files are missing or do not match `manifest.json` is neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -290,36 +292,85 @@ def save_zoo_model(name: str, model: nn.Module, folder: Path, seconds: float) ->
 
 
 def verify(folder: Path) -> bool:
-    """True when every file listed in the folder's manifest exists with the recorded hash."""
+    """True when every file listed in the folder's manifest exists with the recorded hash, and the folder is the
+    shipped teacher (its files hash to `zoo_hashes.SHIPPED_SHA256`, kept in the package) or, outside the shipped
+    folder, a teacher retrained for the same recipe (its manifest names the package's recipe: a retrain on another
+    CPU gives other bytes)."""
+    from .zoo_hashes import SHIPPED_SHA256
+
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
         return False
     try:
-        files = json.loads(manifest_file.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+        manifest = json.loads(manifest_file.read_text())
+        files, name = manifest["files"], manifest["name"]
+    except (json.JSONDecodeError, KeyError, TypeError):
         return False
-    return all((folder / n).is_file() and _sha256(folder / n) == h for n, h in files.items())
+    if not all((folder / n).is_file() and _sha256(folder / n) == h for n, h in files.items()):
+        return False
+    if files == SHIPPED_SHA256.get(name):
+        return True
+    if folder.resolve().parent == ZOO_DIR.resolve() or name not in ZOO:
+        return False
+    return manifest.get("recipe") == json.loads(json.dumps(asdict(ZOO[name])))
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("VLMCOMPRESS_CACHE", Path.home() / ".cache" / "vlmcompress"))
 
 
-def zoo_folder(name: str, retrain: Callable[[str, Path], None] | None = None) -> Path:
+def zoo_folder(name: str, retrain: Callable[[str, Path], None] | None = None, config_only: bool = False) -> Path:
     """The verified folder of built-in teacher `name`: the shipped one, else the cache, else retrained into the
-    cache (`retrain(name, folder)` is called; it defaults to `train_and_save`)."""
+    cache (`retrain(name, folder)` is called; it defaults to `train_and_save`). `config_only` (a check: `validate`,
+    `--dry-run`): the shipped folder for its config alone, weights unverified, never retraining or writing."""
     if name not in ZOO:
         raise ModelLoadError(f"unknown built-in teacher {name!r}; expected one of: {', '.join(ZOO)}")
+    if config_only and (ZOO_DIR / name / "config.json").is_file():
+        return ZOO_DIR / name
     for folder in (ZOO_DIR / name, cache_dir() / name):
         if verify(folder):
             return folder
+    if config_only:
+        raise ModelLoadError(f"the built-in teacher {name} has no config in this installation (its shipped files are "
+                             "missing); reinstall vlmcompress, or run apply, which retrains it")
     folder = cache_dir() / name
-    print(f"vlmcompress: the shipped weights of {name} are missing or corrupt; retraining into {folder}")
-    (retrain or train_and_save)(name, folder)
-    if not verify(folder):
-        raise ModelLoadError(f"retraining {name} into {folder} did not produce files matching their manifest; "
-                             f"delete the folder and run `vlmcompress zoo train {name}`")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(folder.parent / f".{name}.lock"):  # concurrent first uses: one trains, the others wait
+        if verify(folder):
+            return folder
+        tmp = folder.parent / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"vlmcompress: the shipped weights of {name} are missing or corrupt; retraining into {folder}")
+        (retrain or train_and_save)(name, tmp)
+        if not verify(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelLoadError(f"retraining {name} did not produce files matching their manifest; run "
+                                 f"`vlmcompress zoo train {name}` to see what fails")
+        if folder.exists():  # a corrupt earlier entry: replaced by the rename, then removed
+            old = folder.parent / f".{name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
     return folder
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """An exclusive lock on a cache entry (blocking: a second first use waits for the first one's training)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def train_and_save(name: str, folder: Path, progress: bool = True) -> dict:

@@ -17,9 +17,17 @@ class DataSource(StrictModel):
     path: str | None = Field(None, description="image folder with metadata.jsonl, or a `save_to_disk` folder")
     hf: str | None = Field(None, description="Hugging Face dataset id")
     split: str = "train"
-    size: int | None = Field(None, gt=0, description="number of examples to use (all when unset)")
+    size: int | None = Field(None, gt=0, le=10_000_000, description="number of examples to use (all when unset; at "
+                                                                     "most 10,000,000)")
     image_column: str = "image"
     text_column: str = "text"
+
+    @model_validator(mode="after")
+    def _builtin_split(self):
+        if self.builtin == "shapes" and self.split not in ("train", "validation", "test"):
+            raise ValueError(f"split {self.split!r} is not a split of the built-in shapes world; use train, "
+                             "validation or test")
+        return self
 
     @model_validator(mode="after")
     def _exactly_one_source(self):

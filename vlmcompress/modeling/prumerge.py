@@ -241,7 +241,8 @@ def reduce_prumerge(layer, x, internals: AttentionInternals, state: ReductionSta
     cls = prumerge_class_attention(query, keys, x.shape[-1])
     attn = cls[:, 1:]
     raster = o.get("order") == "raster"
-    limit = n - 2 if o.get("keep_positions") and o["extra_token"] else n - 1  # the extra token needs a free slot
+    # at most as many image tokens as the processor writes placeholders (one per patch): the extra token takes one
+    limit = n - 1 - int(o["extra_token"])
     if o["mode"] != "adaptive":
         keep = prumerge_keep_index(attn, min(o["outliers"], limit), min(o["selected"], limit))
         if not raster:
