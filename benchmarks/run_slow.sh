@@ -8,4 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 .venv/bin/python -m pytest -q -m slow "$@"
+# the bad-input fuzzer at ten times CI's size (tests/test_bad_input_corpus.py)
+VLMCOMPRESS_FUZZ_CASES=3000 .venv/bin/python -m pytest -q -s tests/test_bad_input_corpus.py -k fuzzed "$@"
 .venv/bin/python -c "from vlmcompress import cpu; print('cpu:', cpu.detect().label())"

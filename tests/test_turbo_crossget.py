@@ -287,10 +287,10 @@ def test_turbo_knobs_reach_the_checkpoint_and_are_validated(tmp_path):
                                 "text_min_keep": 0.2}
     # 65 tokens: layer 0 merges 3 (65 ≥ 12), layer 1 merges 3
     assert block["towers"][0]["tokens_per_layer"] == [62, 59]
-    with pytest.raises(VlmCompressError, match="alpha do not apply to algorithm: tome"):
+    with pytest.raises(VlmCompressError, match="alpha does not apply to algorithm: tome .only to turbo.; remove it"):
         vlmcompress.apply({"model": "tiny-clip", "output": str(tmp_path / "x"),
                            "stages": [{"method": "token_reduce", "alpha": 2.0}]}, progress=False)
-    with pytest.raises(VlmCompressError, match="turbo reduces vision tokens, not text"):
+    with pytest.raises(VlmCompressError, match="turbo reduces only vision tokens on a clip model"):
         vlmcompress.apply({"model": "tiny-clip", "output": str(tmp_path / "y"),
                            "stages": [{"method": "token_reduce", "algorithm": "turbo", "components": ["text"]}]},
                           progress=False)

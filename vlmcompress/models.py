@@ -35,6 +35,14 @@ def load_model(
     if meta:
         trust_remote_code = False
     path = Path(name)
+    try:
+        path.is_dir()
+    except OSError as e:  # e.g. a name longer than the filesystem allows
+        raise ModelLoadError(f"model '{name[:60]}{'…' if len(name) > 60 else ''}' is not a usable name "
+                             f"({e.strerror}); give a local folder, a built-in name or a Hub id") from None
+    if path.is_file():
+        raise ModelLoadError(f"model '{name}' is a file; give the folder that holds its config.json (written by "
+                             "save_pretrained), a built-in name or a Hub id")
     if path.is_dir() and _is_onnx_folder(path):
         return _load_onnx(path, meta)
     if path.is_dir():
@@ -117,7 +125,7 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError / ValueError / HTTP errors depending on the cause
-        where = "folder" if local else "Hub id"
+        where = "folder" if local else "file" if Path(name).exists() else "Hub id"
         if meta and "trust_remote_code" in str(e):
             raise ModelLoadError(f"the config of {where} '{name}' needs the model's own code, which a check never "
                                  "runs; apply runs it when the recipe says trust_remote_code: true") from None

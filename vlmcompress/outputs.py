@@ -54,14 +54,12 @@ def _protected_reason(resolved: Path, source: str | None) -> str | None:
         return "is your home folder"
     if resolved == Path(resolved.anchor):
         return "is the filesystem root"
-    if source:
-        local = Path(source).expanduser()
-        if local.exists():
-            src = local.resolve()
-            if src == resolved:
-                return "is the source model's folder"
-            if resolved in src.parents:
-                return "holds the source model's folder"
+    if source and is_local_path(source):
+        src = Path(source).expanduser().resolve()
+        if src == resolved:
+            return "is the source model's folder"
+        if resolved in src.parents:
+            return "holds the source model's folder"
     return None
 
 
@@ -69,6 +67,11 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
     """Refuse an output that vlmcompress may not write, before anything runs (one line, `OutputError`)."""
     if not str(output).strip():
         raise OutputError("output is empty; give the folder to write, e.g. output: out/compressed")
+    try:
+        output.exists()
+    except OSError as e:
+        raise OutputError(f"output '{str(output)[:60]}…' is not a usable folder name ({e.strerror}); choose a shorter "
+                          "one") from None
     resolved = output.expanduser().resolve()
     reason = _protected_reason(resolved, source)
     if reason is not None:
@@ -203,7 +206,10 @@ def atomic_write_dir(target: Path, write, replace: bool = True) -> None:
 
 def is_local_path(name: str) -> bool:
     """Whether a recipe's `model:` / `path:` names a local file or folder (else a Hub id or a built-in name)."""
-    return bool(name) and Path(name).expanduser().exists()
+    try:
+        return bool(name) and Path(name).expanduser().exists()
+    except OSError:  # not a usable path (too long, ...): not a local one
+        return False
 
 
 def public_name(name: str) -> str:

@@ -90,11 +90,18 @@ MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; anything near thi
 MAX_RECIPE_DEPTH = 64  # nesting levels of mappings and lists
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # not a usable path (e.g. longer than the filesystem allows)
+        return False
+
+
 def _read_text(source: str | Path) -> tuple[str, str]:
     path = Path(source)
-    if isinstance(source, str) and ("\n" in source or (": " in source and not path.exists())):
+    if isinstance(source, str) and ("\n" in source or (": " in source and not _is_file(path))):
         return _bounded(source, "<recipe>"), "<recipe>"
-    if not path.is_file():
+    if not _is_file(path):
         raise RecipeError(f"recipe file '{source}' not found; expected a YAML file, e.g. recipes/quickstart.yaml")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes "
@@ -201,7 +208,7 @@ def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> R
         try:
             stages.append(config_cls.model_validate(raw))
         except ValidationError as e:
-            problems += [_fmt_pydantic(filename, lines, config_cls, err, loc) for err in _one_per_loc(e)]
+            problems += _fmt_errors(filename, lines, config_cls, _one_per_loc(e), loc)
     reducing = [i for i, raw in enumerate(raw_stages) if isinstance(raw, dict) and raw.get("method") == "token_reduce"]
     for i in reducing[1:]:  # a checkpoint holds one token_reduction block
         problems.append(_fmt(filename, lines, ("stages", i, "method"), f"a second token_reduce stage (the first is "
@@ -211,7 +218,7 @@ def _validate(data: dict[str, Any], filename: str, lines: dict[tuple, int]) -> R
     try:
         recipe = Recipe.model_validate(top | {"stages": []})
     except ValidationError as e:
-        problems = [_fmt_pydantic(filename, lines, Recipe, err, ()) for err in _one_per_loc(e)] + problems
+        problems = _fmt_errors(filename, lines, Recipe, _one_per_loc(e), ()) + problems
         recipe = None
     if problems:
         raise RecipeError("\n".join(problems))
@@ -245,6 +252,32 @@ def _one_per_loc(error: ValidationError) -> list[dict]:
         if loc not in chosen or (chosen[loc]["_wrong_type"] and not wrong_type):
             chosen[loc] = err | {"loc": loc, "_wrong_type": wrong_type}
     return list(chosen.values())
+
+
+def _fmt_errors(filename: str, lines: dict[tuple, int], cls: type[BaseModel], errors: list[dict],
+                prefix: tuple) -> list[str]:
+    """One line per problem; unknown keys of one mapping share one line (a stage whose `method:` changed would
+    otherwise repeat the list of valid keys for each of its keys)."""
+    out, unknown = [], {}
+    locs = [_clean_loc(err["loc"]) for err in errors]
+    for err, loc in zip(errors, locs):
+        # a union's "wrong type" branch (`ratio: {visoin: 0.2}` is not a number) says less than the deeper error of
+        # the branch that fits the value's type (the unknown component): keep only the deeper one
+        if err["type"].endswith(("_type", "_parsing")) and any(len(o) > len(loc) and o[:len(loc)] == loc for o in locs):
+            continue
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+        else:
+            out.append(_fmt_pydantic(filename, lines, cls, err, prefix))
+    for parent, keys in unknown.items():
+        valid = _fields_at(cls, parent)
+        if len(keys) == 1:
+            message = f"unknown key '{keys[0]}'{did_you_mean(keys[0], valid)}; valid keys here: {', '.join(valid)}"
+        else:
+            message = (f"unknown keys {', '.join(repr(k) for k in keys)}; valid keys here: {', '.join(valid)}; "
+                       "remove them or check the method")
+        out.insert(0, _fmt(filename, lines, prefix + parent + ((keys[0],) if len(keys) == 1 else ()), message))
+    return out
 
 
 def _fmt_pydantic(filename: str, lines: dict[tuple, int], cls: type[BaseModel], err: dict, prefix: tuple) -> str:

@@ -98,7 +98,11 @@ class PluggableStageConfig(StageConfig):
     def foreign_keys_message(cls, data: dict[str, Any], foreign: dict[str, list[str]]) -> str:
         """The error for keys of other choices (`{key: the choices that have it}`) given with this one."""
         chosen = data.get(cls.choice_key, cls.choice_default)
-        return f"{', '.join(foreign)} do not apply to {cls.choice_key}: {chosen}"
+        keys = ", ".join(foreign)
+        owners = sorted({o for names in foreign.values() for o in names})
+        verb = "does" if len(foreign) == 1 else "do"
+        return (f"{keys} {verb} not apply to {cls.choice_key}: {chosen} (only to {', '.join(owners)}); remove "
+                f"{'it' if len(foreign) == 1 else 'them'} or change {cls.choice_key}")
 
     @classmethod
     def config_class(cls, data: Any) -> type[StageConfig]:

@@ -43,9 +43,9 @@ class TurboConfig(LayerwiseConfig):
             return super().tower_for(component, model, adapter)
         tower = adapter.cross_attention_tower(model)
         if tower is None:
-            raise VlmCompressError(f"token_reduce: algorithm turbo reduces vision tokens, not text, on "
-                                   f"{adapter.family} (its text side prunes image tokens in BLIP's "
-                                   "cross-attention); use components: [vision]")
+            raise VlmCompressError(f"token_reduce: algorithm turbo reduces only vision tokens on a {adapter.family} "
+                                   "model (the text side exists for BLIP, whose text encoder reads image tokens); use "
+                                   "components: [vision]")
         return tower
 
     def block(self, model, adapter) -> TokenReductionSpec:
