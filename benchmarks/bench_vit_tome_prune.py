@@ -11,7 +11,6 @@ measured in the same run. FLOPs are counted with `torch.utils.flop_counter`.
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import statistics
 import time
