@@ -93,7 +93,12 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
     The class swap is safe: compressed classes only add construction steps (already done in place) and, for LLaVA,
     prompt shrinking. Returns the same object.
     """
-    model_cls, config_cls, autos = model_mod.COMPRESSED_CLASSES[stock_class_name(model)]
+    stock = stock_class_name(model)
+    model_cls, config_cls, autos = model_mod.COMPRESSED_CLASSES[stock]
+    import transformers
+
+    stock_type = getattr(transformers, stock).config_class.model_type  # the config may already be compressed
+    autos = tuple(dict.fromkeys((*autos, *task_auto_classes(stock, stock_type))))
     data = model.config.to_dict()
     for key in ("model_type", "auto_map", "architectures", "transformers_version"):
         data.pop(key, None)
@@ -120,6 +125,24 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
     if generation_config is not None and hasattr(generation_config, "_from_model_config"):
         generation_config._from_model_config = False
     return model
+
+
+def task_auto_classes(stock_class: str, model_type: str) -> tuple[str, ...]:
+    """The transformers Auto classes that map `stock_class` for `model_type` (CLIPModel:
+    AutoModelForZeroShotImageClassification; LLaVA: AutoModelForImageTextToText, ...), so that `auto_map` sends each
+    of them, and the pipelines built on them, to the compressed class."""
+    import transformers.models.auto.modeling_auto as auto
+
+    found = []
+    for name in sorted(dir(auto)):
+        cls = getattr(auto, name)
+        mapping = getattr(getattr(cls, "_model_mapping", None), "_model_mapping", None)
+        if not (name.startswith("AutoModel") and isinstance(mapping, dict)):
+            continue
+        target = mapping.get(model_type)
+        if target == stock_class or (isinstance(target, (tuple, list)) and stock_class in target):
+            found.append(name)
+    return tuple(found)
 
 
 def compression_record(model: nn.Module) -> dict[str, Any]:

@@ -1,0 +1,68 @@
+"""What clients nobody on this project wrote see (issue 17, point 1): `config.json`'s `auto_map` maps every Auto class
+transformers maps for the stock base class, so `transformers.pipeline(..., trust_remote_code=True)` and the task
+Auto classes load the compressed class, in a fresh interpreter that cannot import vlmcompress."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import vlmcompress
+from vlmcompress.zoo import zoo_folder
+
+CHILD = """
+import sys
+sys.modules["vlmcompress"] = None
+import json
+import numpy as np
+from PIL import Image
+from transformers import pipeline
+
+image = Image.fromarray((np.random.default_rng(0).random((80, 80, 3)) * 255).astype("uint8"))
+labels = ["a small red circle", "a large blue square", "a small green ring"]
+out = {}
+for name, folder in zip(("compressed", "stock"), sys.argv[1:3]):
+    clf = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    out[name] = {"class": type(clf.model).__name__, "module": type(clf.model).__module__,
+                 "result": clf(image, candidate_labels=labels)}
+print(json.dumps(out))
+"""
+
+
+def test_zero_shot_pipeline_loads_the_compressed_clip_as_it_loads_the_stock_one(tmp_path):
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "shapes-clip-small", "output": str(out),
+                       "stages": [{"method": "token_reduce", "r": 2}]}, progress=False)
+    autos = json.loads((out / "config.json").read_text())["auto_map"]
+    assert autos["AutoModelForZeroShotImageClassification"] == "modeling_vlmcompress.VlmcCLIPModel"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-c", CHILD, str(out), str(zoo_folder("shapes-clip-small"))],
+                         capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["compressed"]["class"] == "VlmcCLIPModel" and got["compressed"]["module"].startswith(
+        "transformers_modules.")
+    assert got["stock"]["class"] == "CLIPModel"
+    for name in ("compressed", "stock"):  # the same answer format: every label once, scores summing to 1
+        result = got[name]["result"]
+        assert sorted(r["label"] for r in result) == sorted(["a small red circle", "a large blue square",
+                                                              "a small green ring"])
+        assert abs(sum(r["score"] for r in result) - 1) < 1e-5
+
+
+def test_llava_outputs_map_the_image_text_to_text_auto_class(tmp_path):
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "tiny-llava", "output": str(out),
+                       "stages": [{"method": "token_reduce", "algorithm": "fastv", "layer": 1}]}, progress=False)
+    autos = json.loads((out / "config.json").read_text())["auto_map"]
+    assert {"AutoModel", "AutoModelForImageTextToText", "AutoModelForMultimodalLM"} <= set(autos)
+    code = ("import sys; sys.modules['vlmcompress'] = None\n"
+            "from transformers import AutoModelForImageTextToText\n"
+            "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "print(type(m).__name__, type(m).__module__.split('.')[0])")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["VlmcLlavaForConditionalGeneration", "transformers_modules"]
