@@ -68,7 +68,7 @@ def test_apply_writes_checkpoint_and_summary(tmp_path):
 def test_existing_output_is_refused_and_untouched_then_overwritten(tmp_path):
     recipe = write_recipe(tmp_path, PRUNE_TOME)
     out = tmp_path / "out"
-    out.mkdir()
+    assert runner.invoke(app, ["apply", str(recipe)]).exit_code == 0  # an earlier output of vlmcompress
     (out / "keep.txt").write_text("earlier output")
     result = runner.invoke(app, ["apply", str(recipe)])
     assert_one_line_error(result, "already exists", "--overwrite")
@@ -76,6 +76,13 @@ def test_existing_output_is_refused_and_untouched_then_overwritten(tmp_path):
     result = runner.invoke(app, ["apply", str(recipe), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # a folder of someone else's files is never replaced, even with --overwrite
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["apply", str(recipe), "--output", str(theirs), "--overwrite"])
+    assert_one_line_error(result, "holds files vlmcompress did not write")
+    assert (theirs / "notes.txt").read_text() == "mine"
 
 
 def test_output_override_and_dry_run_writes_nothing(tmp_path):

@@ -153,6 +153,10 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (out / "keep.txt").read_text() == "user data"
     assert not work_dir_for(out).exists()
 
+    with pytest.raises(OutputError, match="holds files vlmcompress did not write"):  # not even with --overwrite
+        vlmcompress.apply(recipe(out), overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()  # an empty folder may be overwritten
     vlmcompress.apply(recipe(out), overwrite=True, progress=False)
     names = {p.name for p in out.iterdir()}
     assert "keep.txt" not in names

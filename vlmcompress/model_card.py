@@ -61,7 +61,10 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module, local_source: b
               "# or, without running code from the folder:", "import vlmcompress",
               'model = vlmcompress.load("path/or/hub-id")', "```", "",
               "The token-reduction layers and per-layer shapes are rebuilt from `config.json` "
-              "(`token_reduction`, `vlmcompress`) by the modeling files in this folder.", ""]
+              "(`token_reduction`, `vlmcompress`) by the modeling files in this folder. The stock class without "
+              "remote code (e.g. `LlavaForConditionalGeneration.from_pretrained`) gives the *unreduced* model "
+              "(its token reduction is not applied), and fails on pruned shapes: load with "
+              "`trust_remote_code=True` or `vlmcompress.load` for the compressed one.", ""]
     return "\n".join(lines)
 
 

@@ -139,10 +139,18 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        # the run is over: the lock file goes (before the unlock, so no other run holds a lock on it), and the work
+        # folder too when nothing else is in it (no stage checkpoints to resume from)
+        (self.work / "lock").unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        try:
+            self.work.rmdir()
+        except OSError:  # not empty (stage checkpoints of a failed run), or already gone
+            pass
 
 
 _TMP = re.compile(r"\.(tmp|old)-(\d+)$")

@@ -25,8 +25,8 @@ class DataSource(StrictModel):
     @model_validator(mode="after")
     def _builtin_split(self):
         if self.builtin == "shapes" and self.split not in ("train", "validation", "test"):
-            raise ValueError(f"split {self.split!r} is not a split of the built-in shapes world; use train, "
-                             "validation or test")
+            raise ValueError(f"split {self.split!r} is not a split of the built-in shapes world; expected one of: "
+                             "train, validation, test")
         return self
 
     @model_validator(mode="after")
