@@ -56,3 +56,44 @@ def test_guard_without_eval_data_is_an_error(tmp_path):
     with pytest.raises(GuardError, match="data.eval"):
         vlmcompress.apply(recipe, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_llava_vqa_accuracy_is_measured_in_apply(tmp_path):
+    """LLaVA: exact-match VQA on the recipe's data.eval before and after every stage (issue 17, point 5), the same
+    number `answer_questions` gives on the same rows."""
+    from vlmcompress.evaluate import answer_questions
+    from vlmcompress.models import load_model
+
+    eval_data = {"builtin": "shapes", "split": "test", "size": 40}
+    model = vlmcompress.apply({"model": "shapes-llava", "output": str(tmp_path / "out"),
+                               "data": {"eval": eval_data},
+                               "stages": [{"method": "token_reduce", "algorithm": "fastv", "layer": 1,
+                                           "keep_ratio": 0.5}]}, progress=False)
+    accuracy = model.vlmcompress_report["accuracy"]
+    base, processor = load_model("shapes-llava")
+    from vlmcompress.data import load_rows
+    from vlmcompress.data.schema import DataSource
+
+    rows = load_rows(DataSource(**eval_data), base)
+    for key, m in (("before", base), ("after", model)):
+        answers = answer_questions(m, processor, [r["image"] for r in rows], [r["question"] for r in rows])
+        assert accuracy[key]["vqa_accuracy"] == round(sum(a == r["answer"] for a, r in zip(answers, rows)) / 40, 4)
+    assert 0 < accuracy["before"]["vqa_accuracy"] <= 1
+
+
+def test_a_family_apply_cannot_measure_says_so_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmcompress.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: tiny-blip2\noutput: {tmp_path / 'out'}\ndata:\n  eval: {{builtin: shapes, split: test, "
+                      "size: 8}\nstages:\n  - method: token_reduce\n    r: 2\n")
+    result = CliRunner().invoke(app, ["apply", str(recipe)])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines() if "accuracy not measured" in line]
+    assert len(lines) == 1 and "no saved processor" in lines[0], result.output
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["accuracy_not_measured"] == lines[0]

@@ -28,8 +28,15 @@ def eval_rows(recipe, model: nn.Module) -> list[dict] | None:
 
 
 def measure(model: nn.Module, processor: Any, family: str, rows: list[dict] | None) -> dict[str, float] | None:
-    if rows is None or family not in DUAL_ENCODERS or processor is None:
+    """Retrieval recall (CLIP, SigLIP) or exact-match VQA accuracy (LLaVA, on data with questions) of `rows`; None
+    where it cannot be measured (`not_measured` says why)."""
+    if not_measured(family, rows, processor) is not None or rows is None:
         return None
+    if family == "llava":
+        from .evaluate import answer_questions
+
+        answers = answer_questions(model, processor, [r["image"] for r in rows], [r["question"] for r in rows])
+        return {"vqa_accuracy": round(sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows), 4)}
     from .evaluate import encode, evaluate_dual_encoder, recall_at_k
 
     if rows[0].get("shapes"):  # zero-shot shape classification is defined on the built-in world only
@@ -40,6 +47,24 @@ def measure(model: nn.Module, processor: Any, family: str, rows: list[dict] | No
     for k in (1, 5, 10):
         result[f"recall@{k}"] = round((result[f"i2t_R@{k}"] + result[f"t2i_R@{k}"]) / 2, 4)
     return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def not_measured(family: str, rows: list[dict] | None, processor: Any) -> str | None:
+    """Why `apply` cannot measure accuracy on the recipe's `data.eval` (one line), or None when it can (or when the
+    recipe has no `data.eval`: nothing was asked)."""
+    if rows is None:
+        return None
+    if processor is None or (family == "llava" and not hasattr(processor, "tokenizer")):
+        return "accuracy not measured: the model has no saved processor to build its inputs with"
+    if family in DUAL_ENCODERS:
+        return None
+    if family == "llava":
+        if rows and "question" in rows[0] and "answer" in rows[0]:
+            return None
+        return ("accuracy not measured: LLaVA is measured by exact-match VQA, and data.eval has no question / answer "
+                "columns (the built-in world has: data.eval: {builtin: shapes, split: test})")
+    return (f"accuracy not measured: apply measures retrieval (CLIP, SigLIP) and VQA (LLaVA), not yet {family}; "
+            "use vlmcompress eval")
 
 
 def check_guards(guards, before: dict[str, float] | None, after: dict[str, float] | None, stage: str) -> None:

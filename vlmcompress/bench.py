@@ -272,7 +272,7 @@ def _static(entry: dict, workloads: list[Workload], device: torch.device, bar: P
         fn = w.build(model, adapter, 1, device)
         if w.vision and out["tokens_per_layer"] is None:
             out["tokens_per_layer"] = tokens_per_layer(model, adapter, fn)
-        out["workloads"][w.key] = {"gflops_per_sample": sig(count_gflops(fn)), "batch_sizes": {}}
+        out["workloads"][w.key] = {"gflops_per_sample": sig(count_gflops(fn, model)), "batch_sizes": {}}
     return out
 
 
@@ -324,7 +324,8 @@ def quick_speed(model: nn.Module, adapter: ModelAdapter, batch_size: int = 8, re
     device = model.device
     workload = WORKLOADS[adapter.family][0]
     fn = workload.build(model, adapter, batch_size, device)
-    gflops = model.bench_static()["gflops"][workload.key] if is_export(model) else count_gflops(fn) / batch_size
+    gflops = (model.bench_static()["gflops"][workload.key] if is_export(model)
+              else count_gflops(fn, model) / batch_size)
     calls = calls_per_measurement(fn, device)
     ms = [measure_ms(fn, calls) for _ in range(repeats)]
     return {"workload": workload.key, "batch_size": batch_size, "ms_median": round(statistics.median(ms), 3),

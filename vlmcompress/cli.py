@@ -97,6 +97,8 @@ def apply(
                  if metric in s["details"].get("accuracy", {}).get("after", {})]
         if len(trail) > 1:
             console.print(f"  {metric} after each stage: {' · '.join(trail)}", highlight=False)
+    if report.get("accuracy_not_measured"):
+        console.print(f"  {report['accuracy_not_measured']}", highlight=False)
     for s in report["stages"]:
         d = s["details"]
         if "loss_first" in d and "samples_per_s" in d:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accuracy import check_guards, eval_rows, measure
+from .accuracy import check_guards, eval_rows, measure, not_measured
 from .adapters import adapter_for
 from .bench import quick_speed
 from .checkpoint import compression_record, library_versions, load, save_checkpoint, to_compressed
@@ -209,6 +209,8 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
         if accuracy_before is not None:
             report["accuracy"] = {"before": accuracy_before, "after": accuracy_out,
                                   "data": shared.data.eval.model_dump(mode="json")}
+        elif rows is not None:
+            report["accuracy_not_measured"] = not_measured(adapter.family, rows, processor)
         if speed_before is not None:
             report["speed"] = {"before": speed_before, "after": speed_out,
                                "speedup": round(speed_before["ms_median"] / speed_out["ms_median"], 3),

@@ -251,7 +251,7 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
     from ..measure.workloads import EXPORT_WORKLOADS
 
     # GFLOPs of the PyTorch model on the calls `vlmcompress bench` times (batch 1), reported for the graphs
-    gflops = {w.key: float(f"{count_gflops(w.build(model, adapter, 1, torch.device('cpu'))):.6g}")
+    gflops = {w.key: float(f"{count_gflops(w.build(model, adapter, 1, torch.device('cpu')), model):.6g}")
               for w in EXPORT_WORKLOADS[adapter.family]}
     described: dict[str, Any] = {}
     quantized: list[str] = []

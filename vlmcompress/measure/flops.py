@@ -39,10 +39,19 @@ def _flop_mapping() -> dict:
     return ops
 
 
-def count_gflops(fn: Callable[[], Any]) -> float:
-    """GFLOPs (2 × multiply-adds) of one call of `fn`."""
-    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
-        fn()
+def count_gflops(fn: Callable[[], Any], model: nn.Module | None = None) -> float:
+    """GFLOPs (2 × multiply-adds) of one call of `fn`. With `model`, its parameters stop requiring gradients for the
+    count: the counter's module tracker hooks autograd on tensors that require them, which fails inside
+    `inference_mode` on a parameter used as an input (BLIP-2's `query_tokens`)."""
+    trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+            fn()
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 1e9
 
 
