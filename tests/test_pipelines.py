@@ -66,3 +66,52 @@ def test_llava_outputs_map_the_image_text_to_text_auto_class(tmp_path):
     run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-2:] == ["VlmcLlavaForConditionalGeneration", "transformers_modules"]
+
+
+CHAT_CHILD = """
+import sys
+sys.modules["vlmcompress"] = None
+import json
+import numpy as np
+from PIL import Image
+from transformers import AutoProcessor, pipeline
+
+folder, question = sys.argv[1], sys.argv[2]
+image = Image.fromarray(np.load(sys.argv[3]))
+processor = AutoProcessor.from_pretrained(folder)
+messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+out = pipe(text=messages, max_new_tokens=3, generate_kwargs={"do_sample": False}, return_full_text=False)
+print(json.dumps({"prompt": prompt, "answer": out[0]["generated_text"].strip()}))
+"""
+
+
+def test_chat_template_and_image_text_to_text_pipeline_on_a_llava_output(tmp_path):
+    """The built-in LLaVA teacher has a chat template that renders exactly its training prompt; every generative
+    output carries it and its generation config; chat-style input to the `image-text-to-text` pipeline, in a fresh
+    interpreter that cannot import vlmcompress, gives the answer `vlmcompress eval` gets (issue 17, point 3)."""
+    import numpy as np
+
+    from vlmcompress.data.shapes import VQA_PROMPT
+    from vlmcompress.evaluate import answer_questions, shapes_eval_rows
+
+    out = tmp_path / "out"
+    model = vlmcompress.apply({"model": "shapes-llava", "output": str(out),
+                               "stages": [{"method": "token_reduce", "algorithm": "fastv", "layer": 1,
+                                           "keep_ratio": 0.5}]}, progress=False)
+    assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
+    row = shapes_eval_rows(model, 3)[2]
+    np.save(tmp_path / "image.npy", row["image"])
+    from transformers import AutoProcessor
+
+    expected = answer_questions(model, AutoProcessor.from_pretrained(out), [row["image"]], [row["question"]])[0]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-c", CHAT_CHILD, str(out), row["question"], str(tmp_path / "image.npy")],
+                         capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]  # (after transformers' remote-code question, answered no by stdin)
+    got = json.loads(last[last.index("{"):])
+    assert got["prompt"] == VQA_PROMPT.format(question=row["question"])
+    assert got["answer"] == expected
+    assert VQA_PROMPT.format(question="QUESTION") in (out / "README.md").read_text()

@@ -115,7 +115,17 @@ def evaluate_dual_encoder(model: nn.Module, processor: Any, rows: list[dict] | N
     return recall_at_k(img, txt, [r["text"] for r in rows]) | zero_shot_shape(model, processor, rows)
 
 
-VQA_PROMPT = "user: <image> {question} assistant:"
+VQA_PROMPT = shapes.VQA_PROMPT  # the built-in teacher's; a processor with a chat template builds its own
+
+
+def vqa_prompts(processor: Any, questions: list[str]) -> list[str]:
+    """Prompts for `questions` about one image each: the processor's chat template (one user turn: the image, then
+    the question) when it has one, else the built-in teacher's `VQA_PROMPT`."""
+    if getattr(processor, "chat_template", None):
+        return [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                             {"type": "text", "text": q}]}],
+                                              add_generation_prompt=True, tokenize=False) for q in questions]
+    return [VQA_PROMPT.format(question=q) for q in questions]
 
 
 @torch.no_grad()
@@ -124,7 +134,7 @@ def answer_questions(model: nn.Module, processor: Any, images: list, questions: 
     """Greedy short answers of a generative VLM, prompts built by its saved processor (left padding)."""
     answers: list[str] = []
     for i in range(0, len(images), batch_size):
-        prompts = [VQA_PROMPT.format(question=q) for q in questions[i:i + batch_size]]
+        prompts = vqa_prompts(processor, questions[i:i + batch_size])
         batch = processor(text=prompts, images=list(images[i:i + batch_size]), padding=True, return_tensors="pt")
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)

@@ -8,9 +8,11 @@ import yaml
 from torch import nn
 
 
-def model_card(recipe, report: dict[str, Any], model: nn.Module, local_source: bool = False) -> str:
+def model_card(recipe, report: dict[str, Any], model: nn.Module, local_source: bool = False,
+               prompt: str | None = None) -> str:
     """The card of an output; `recipe` as the output records it (local paths by their last part); `local_source`:
-    the source model was a local folder (no Hub `base_model` then, and the card says so)."""
+    the source model was a local folder (no Hub `base_model` then, and the card says so); `prompt`: the prompt its
+    chat template builds for one image and a question (generative models)."""
     methods = [s.method for s in recipe.stages]
     algos = [getattr(s, "algorithm", None) for s in recipe.stages]
     meta = {
@@ -60,6 +62,9 @@ def model_card(recipe, report: dict[str, Any], model: nn.Module, local_source: b
               'model = AutoModel.from_pretrained("path/or/hub-id", trust_remote_code=True)',
               "# or, without running code from the folder:", "import vlmcompress",
               'model = vlmcompress.load("path/or/hub-id")', "```", "",
+              *(["Prompt (what `processor.apply_chat_template` builds for an image and a question, and what the "
+                 "`image-text-to-text` pipeline sends for chat-style input):", "", "```text", prompt, "```", ""]
+                if prompt else []),
               "The token-reduction layers and per-layer shapes are rebuilt from `config.json` "
               "(`token_reduction`, `vlmcompress`) by the modeling files in this folder. The stock class without "
               "remote code (e.g. `LlavaForConditionalGeneration.from_pretrained`) gives the *unreduced* model "

@@ -220,7 +220,8 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
             bar.update(description="writing the checkpoint")
             def write(tmp: Path) -> None:
                 save_checkpoint(model, tmp, recipe_yaml=shared.to_yaml(), report=report, processor=processor,
-                                card=model_card(shared, report, model, local_source=shared.model != recipe.model),
+                                card=model_card(shared, report, model, local_source=shared.model != recipe.model,
+                                                prompt=_prompt_example(processor)),
                                 artifacts=ctx.artifacts)
                 apply_umask(tmp)
 
@@ -228,6 +229,15 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
             shutil.rmtree(work, ignore_errors=True)
     model.vlmcompress_report = report
     return model
+
+
+def _prompt_example(processor) -> str | None:
+    """The prompt a generative model's chat template builds for an image and a question, for its model card."""
+    if not getattr(processor, "chat_template", None):
+        return None
+    from .evaluate import vqa_prompts
+
+    return vqa_prompts(processor, ["QUESTION"])[0]
 
 
 def _check_finite(model: nn.Module, name: str) -> None:

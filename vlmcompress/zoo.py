@@ -89,7 +89,7 @@ ZOO: dict[str, ClipRecipe | LlavaRecipe] = {
     "shapes-llava-small": LlavaRecipe(vision_from="shapes-clip-small", image_size=32, patch_size=4, text_hidden=48,
                                       text_layers=1, text_heads=4, text_kv_heads=2, text_intermediate=96, steps=300),
 }
-PROMPT = "user: <image> {question} assistant:"
+PROMPT = shapes.VQA_PROMPT
 
 
 def tokenizer():
@@ -136,7 +136,8 @@ def processor(recipe: ClipRecipe | LlavaRecipe):
     if isinstance(recipe, LlavaRecipe):
         return LlavaProcessor(image_processor=_image_processor(recipe.image_size), tokenizer=llava_tokenizer(),
                               patch_size=recipe.patch_size, vision_feature_select_strategy="default",
-                              image_token="<image>", num_additional_image_tokens=1)
+                              image_token="<image>", num_additional_image_tokens=1,
+                              chat_template=shapes.VQA_CHAT_TEMPLATE)
     return CLIPProcessor(image_processor=_image_processor(recipe.image_size), tokenizer=tokenizer())
 
 

@@ -20,6 +20,7 @@ SHIPPED_SHA256 = {
         "tokenizer_config.json": "5c4eb011f6f62b9b5f7f56c0d39844470904e8d5c4c4a3a8b95ec5b7434f7f17",
     },
     "shapes-llava-small": {
+        "chat_template.jinja": "54265a7b800b286f2fc01449829c8df85eb598c504d2446fc2415db9582941fa",
         "config.json": "b69f9a829162dda08518e1083c7013360a68bdcf70114593cdd824f95122ff4d",
         "generation_config.json": "ed56bf74196011933747081820dbbe0a59fc2828a02c186a3da276addcf9b183",
         "model.safetensors": "9ebd92eb5477111506c5f3a6218e8d3dba3dc524b06a552a86b441ce099072fd",
@@ -28,6 +29,7 @@ SHIPPED_SHA256 = {
         "tokenizer_config.json": "2d1ed2c4c6b69e7c443cee74a347e96cc3dc839fe13e34a35192fd21a54f32a7",
     },
     "shapes-llava": {
+        "chat_template.jinja": "54265a7b800b286f2fc01449829c8df85eb598c504d2446fc2415db9582941fa",
         "config.json": "238553d6745f0cae3c7476e7c2fb8d47979debbbf9979185ba42b27aa0595e6b",
         "generation_config.json": "ed56bf74196011933747081820dbbe0a59fc2828a02c186a3da276addcf9b183",
         "model.safetensors": "7f834781a811607f853c427a5b931458fb1566993274e3301c36a8ce4cdf502b",

@@ -108,9 +108,11 @@ class LlavaAdapter(ModelAdapter):
 
     def collate(self, processor, rows):
         """`user: <image> QUESTION assistant: ANSWER </s>` prompts (left-padded), labels on the answer tokens."""
+        from ..evaluate import vqa_prompts  # here: adapters sit below the evaluation code
+
         questions = [r.get("question", "what is in the image ?") for r in rows]
         answers = [r.get("answer", r["text"]) for r in rows]
-        texts = [f"user: <image> {q} assistant: {a} </s>" for q, a in zip(questions, answers)]
+        texts = [f"{prompt} {a} </s>" for prompt, a in zip(vqa_prompts(processor, questions), answers)]
         batch = processor(text=texts, images=[r["image"] for r in rows], padding=True, return_tensors="pt")
         labels = torch.full_like(batch["input_ids"], -100)
         for i, answer in enumerate(answers):

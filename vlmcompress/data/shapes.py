@@ -26,6 +26,28 @@ TEMPLATE_WORDS = ("a", "an", "at", "the", "in", "and", "what", "colour", "is", "
                   "are", "there", "where", "left", "of", "above", "small", "or", "large", "yes", "no", "?")
 
 
+# the built-in LLaVA teacher's prompt (one definition: its training, `vlmcompress eval`, the chat template below)
+VQA_PROMPT = "user: <image> {question} assistant:"
+# a chat template that renders exactly VQA_PROMPT for one user turn of an image and a question (and the answer
+# turn as training saw it: `assistant: ANSWER </s>`), so that `processor.apply_chat_template` and chat-style input
+# to the image-text-to-text pipeline build the prompt the teacher was trained on
+VQA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = message['content'] if message['content'] is not string "
+    "else [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'user:' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' assistant:' }}{%- endif -%}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' -%}{{ ' <image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ ' ' + part['text'] }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ ' </s>' }}{%- if not loop.last -%}{{ ' ' }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' assistant:' }}{%- endif -%}"
+)
+
+
 @dataclass(frozen=True)
 class ShapesConfig:
     image_size: int = 80
