@@ -232,3 +232,24 @@ def test_killed_run_leaves_no_output(tmp_path):
     result = runner.invoke(app, ["apply", str(recipe), "--resume"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "config.json").is_file() and not work.exists()
+
+
+def test_the_cli_prints_no_third_party_import_noise(tmp_path):
+    """torchao's CUDA-kernel notes, torch's _pytree deprecations and transformers' torchvision fallbacks are not the
+    user's business (issue 17, point 7); VLMCOMPRESS_DEBUG=1 lets them through."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: shapes-clip-small\noutput: {tmp_path / 'out'}\nstages:\n  - method: quantize\n"
+                      "    backend: torchao\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("VLMCOMPRESS_DEBUG", None)
+    run = subprocess.run([sys.executable, "-m", "vlmcompress", "apply", str(recipe)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert lines[0].startswith("wrote ") and lines[-1].strip().startswith("load it:"), lines
+    for noise in ("Failed to load", "_pytree", "torchvision", "Warning"):
+        assert not any(noise in line for line in lines), (noise, lines)

@@ -410,7 +410,29 @@ def bench(
     console.print(f"timing: {what['timing']}\nmemory: {what['memory']}", style="dim", highlight=False)
 
 
+# libraries that log their own import-time notes (torchao's optional CUDA kernels, torch's _pytree deprecations,
+# transformers' torchvision fallbacks): not the user's business on the command line
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "transformers")
+
+
+def quiet_third_party() -> None:
+    """Silence third-party import noise (warnings and below) unless VLMCOMPRESS_DEBUG=1."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("VLMCOMPRESS_DEBUG") == "1":
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao|transformers)\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main() -> None:
+    quiet_third_party()
     app()
 
 
