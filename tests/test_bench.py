@@ -283,3 +283,33 @@ def assert_one_line_error(result, fragment: str) -> None:
 ])
 def test_cli_bad_input_is_one_error_line(args, fragment):
     assert_one_line_error(runner.invoke(app, ["bench", *args]), fragment)
+
+
+def test_apply_compares_speed_interleaved_and_says_when_the_machine_is_too_busy(tmp_path, monkeypatch):
+    """The report's speed line (issue 17, point 6): the uncompressed model re-loaded and timed interleaved with the
+    compressed one in 5 rounds; the ratio of medians with the range of the per-round ratios, or no ratio at all when
+    one model's rounds spread more than 1.5×."""
+    import vlmcompress
+    from vlmcompress import bench
+    from vlmcompress.cli import speed_line
+
+    model = vlmcompress.apply({"model": "shapes-clip-small", "output": str(tmp_path / "out"),
+                               "data": {"eval": {"builtin": "shapes", "split": "test", "size": 50}},
+                               "stages": [{"method": "token_reduce", "r": 8}]}, progress=False)
+    speed = model.vlmcompress_report["speed"]
+    compared = speed["interleaved"]
+    assert compared["rounds"] == 5 and len(compared["ms_before"]) == len(compared["ms_after"]) == 5
+    ratios = [b / a for b, a in zip(compared["ms_before"], compared["ms_after"])]
+    assert compared["speedup_range"] == [round(min(ratios), 3), round(max(ratios), 3)]
+    spread = max(max(t) / min(t) for t in (compared["ms_before"], compared["ms_after"]))
+    assert compared["busy"] == (round(spread, 2) > bench.BUSY_SPREAD) or abs(spread - bench.BUSY_SPREAD) < 0.01
+    line = speed_line(speed)
+    if compared["busy"]:
+        assert "machine too busy to measure speed" in line and "×" in line and "faster" not in line
+    else:
+        assert f"{speed['speedup']}× faster (median of 5 interleaved rounds" in line
+    busy = speed | {"interleaved": compared | {"busy": True, "spread": 2.1}}
+    assert speed_line(busy).endswith(f"machine too busy to measure speed (spread ×2.1); GFLOPs "
+                                     f"{speed['flops_reduction']}× fewer")
+    calm = speed | {"speedup": 1.5, "interleaved": compared | {"busy": False, "speedup_range": [1.4, 1.6]}}
+    assert "1.5× faster (median of 5 interleaved rounds, 1.4–1.6×)" in speed_line(calm)

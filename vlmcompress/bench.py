@@ -314,6 +314,33 @@ def _what(workloads: list[Workload], repeats: int, device: torch.device) -> dict
     }
 
 
+BUSY_SPREAD = 1.5  # slowest / fastest round of one model above this: the machine is too busy to compare
+
+
+def compare_speed(before: nn.Module, after: nn.Module, adapter: ModelAdapter, batch_size: int = 8,
+                  rounds: int = 5) -> dict[str, Any]:
+    """The family's first workload on the uncompressed and the compressed model, interleaved in `rounds` rounds (the
+    starting model rotated), so that a slow spell of a shared machine falls on both: the ratio of the medians, the
+    range of the per-round ratios, and `busy` when either model's slowest round is more than `BUSY_SPREAD` × its
+    fastest (then no ratio is worth printing)."""
+    workload = WORKLOADS[adapter.family][0]
+    device = after.device
+    cells = {}
+    for name, model in (("before", before), ("after", after)):
+        fn = workload.build(model, adapter, batch_size, device)
+        cells[name] = (fn, calls_per_measurement(fn, device))
+    times = interleaved_ms(cells, rounds)
+    spread = max(max(t) / min(t) for t in times.values())
+    per_round = [b / a for b, a in zip(times["before"], times["after"])]
+    return {"workload": workload.key, "batch_size": batch_size, "rounds": rounds, "threads": torch.get_num_threads(),
+            "ms_before": [round(t, 3) for t in times["before"]], "ms_after": [round(t, 3) for t in times["after"]],
+            "ms_median_before": round(statistics.median(times["before"]), 3),
+            "ms_median_after": round(statistics.median(times["after"]), 3),
+            "speedup": round(statistics.median(times["before"]) / statistics.median(times["after"]), 3),
+            "speedup_range": [round(min(per_round), 3), round(max(per_round), 3)],
+            "spread": round(spread, 2), "busy": spread > BUSY_SPREAD}
+
+
 def quick_speed(model: nn.Module, adapter: ModelAdapter, batch_size: int = 8, repeats: int = 3) -> dict[str, Any]:
     """Median latency and GFLOPs of the family's first workload (image encoding / prefill) on an in-memory model.
 

@@ -105,10 +105,7 @@ def apply(
             console.print(f"  {s['method']}: {d['steps']} steps in {d['seconds']} s ({d['samples_per_s']} samples/s), "
                           f"loss {d['loss_first']} → {d['loss_last']}", highlight=False)
     if "speed" in report:
-        speed = report["speed"]
-        console.print(f"  {speed['before']['workload']} (batch {speed['before']['batch_size']}): "
-                      f"{speed['before']['ms_median']} → {speed['after']['ms_median']} ms ({speed['speedup']}×), "
-                      f"GFLOPs {speed['flops_reduction']}× fewer", highlight=False)
+        console.print(f"  {speed_line(report['speed'])}", highlight=False)
     console.print(f"  load it: AutoModel.from_pretrained('{out}', trust_remote_code=True)", highlight=False)
 
 
@@ -408,6 +405,22 @@ def bench(
         console.print(f"reductions (MODEL ÷ OTHER): parameters {fmt(ratios['params_reduction'])}, size on disk "
                       f"{fmt(ratios['size_reduction'])}", highlight=False)
     console.print(f"timing: {what['timing']}\nmemory: {what['memory']}", style="dim", highlight=False)
+
+
+def speed_line(speed: dict) -> str:
+    """`image (batch 8): 1.52× faster (median of 5 interleaved rounds, 1.41–1.63×), GFLOPs 1.74× fewer`, or the
+    reason no ratio is printed."""
+    head = f"{speed['before']['workload']} (batch {speed['before']['batch_size']})"
+    flops = f"GFLOPs {speed['flops_reduction']}× fewer"
+    compared = speed.get("interleaved")
+    if not compared:
+        return (f"{head}: {speed['before']['ms_median']} → {speed['after']['ms_median']} ms ({speed['speedup']}×, "
+                f"measured before and after the stages, not interleaved), {flops}")
+    if compared["busy"]:
+        return f"{head}: machine too busy to measure speed (spread ×{compared['spread']}); {flops}"
+    low, high = compared["speedup_range"]
+    return (f"{head}: {speed['speedup']}× faster (median of {compared['rounds']} interleaved rounds, "
+            f"{low}–{high}×), {flops}")
 
 
 # libraries that log their own import-time notes (torchao's optional CUDA kernels, torch's _pytree deprecations,

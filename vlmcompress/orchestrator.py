@@ -212,10 +212,7 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
         elif rows is not None:
             report["accuracy_not_measured"] = not_measured(adapter.family, rows, processor)
         if speed_before is not None:
-            report["speed"] = {"before": speed_before, "after": speed_out,
-                               "speedup": round(speed_before["ms_median"] / speed_out["ms_median"], 3),
-                               "flops_reduction": round(speed_before["gflops_per_sample"] /
-                                                        speed_out["gflops_per_sample"], 3)}
+            report["speed"] = _final_speed(recipe, model, adapter, speed_before, speed_out, given_model, ctx)
         if save and main:
             bar.update(description="writing the checkpoint")
             def write(tmp: Path) -> None:
@@ -229,6 +226,24 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
             shutil.rmtree(work, ignore_errors=True)
     model.vlmcompress_report = report
     return model
+
+
+def _final_speed(recipe, model, adapter, before: dict, after: dict, given_model: bool, ctx) -> dict[str, Any]:
+    """The speed line of the report: the uncompressed model (re-loaded, or the teacher a stage already loaded)
+    against the compressed one, interleaved (`bench.compare_speed`); a model handed to `apply` in memory cannot be
+    re-loaded, so its before / after stay the separate measurements taken around the stages."""
+    from .bench import compare_speed
+
+    speed = {"before": before, "after": after,
+             "flops_reduction": round(before["gflops_per_sample"] / after["gflops_per_sample"], 3)}
+    if given_model or ctx.deployed is not None:
+        return speed | {"speedup": round(before["ms_median"] / after["ms_median"], 3), "interleaved": False}
+    base = ctx._teacher if ctx._teacher is not None else load_model(recipe.model, recipe.dtype,
+                                                                  recipe.trust_remote_code)[0]
+    compared = compare_speed(base, model, adapter, before["batch_size"])
+    before = before | {"ms_median": compared["ms_median_before"]}
+    after = after | {"ms_median": compared["ms_median_after"]}
+    return speed | {"before": before, "after": after, "speedup": compared["speedup"], "interleaved": compared}
 
 
 def _prompt_example(processor) -> str | None:
