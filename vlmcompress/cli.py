@@ -424,8 +424,9 @@ def speed_line(speed: dict) -> str:
 
 
 # libraries that log their own import-time notes (torchao's optional CUDA kernels, torch's _pytree deprecations,
-# transformers' torchvision fallbacks): not the user's business on the command line
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "transformers")
+# transformers' torchvision fallbacks, neural-compressor's accelerator detection): not the user's business on the
+# command line
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "transformers", "neural_compressor")
 
 
 def quiet_third_party() -> None:
@@ -439,6 +440,7 @@ def quiet_third_party() -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # neural-compressor sets its logger's level from it at import
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao|transformers)\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
