@@ -253,3 +253,18 @@ def test_the_cli_prints_no_third_party_import_noise(tmp_path):
     assert lines[0].startswith("wrote ") and lines[-1].strip().startswith("load it:"), lines
     for noise in ("Failed to load", "_pytree", "torchvision", "Warning"):
         assert not any(noise in line for line in lines), (noise, lines)
+
+
+def test_list_methods_names_every_choice_with_its_summary():
+    import json
+
+    from vlmcompress.stages.token_reduce.stage import ALGORITHMS
+
+    result = runner.invoke(app, ["list-methods", "--json"])
+    assert result.exit_code == 0, result.output
+    entries = {e["method"]: e for e in json.loads(result.output)}
+    assert set(entries["token_reduce"]["choices"]) == set(ALGORITHMS)
+    assert all(summary for e in entries.values() for summary in e.get("choices", {}).values())
+    assert set(entries["quantize"]["choices"]) >= {"torch", "torchao", "quanto", "neural_compressor", "onnxruntime"}
+    table = runner.invoke(app, ["list-methods"]).output
+    assert all(f"algorithm: {name}" in table for name in ALGORITHMS)

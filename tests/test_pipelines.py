@@ -115,3 +115,44 @@ def test_chat_template_and_image_text_to_text_pipeline_on_a_llava_output(tmp_pat
     assert got["prompt"] == VQA_PROMPT.format(question=row["question"])
     assert got["answer"] == expected
     assert VQA_PROMPT.format(question="QUESTION") in (out / "README.md").read_text()
+
+
+STOCK_CHILD = """
+import sys
+sys.modules["vlmcompress"] = None
+import json, torch
+from transformers import CLIPModel
+folder, reference = sys.argv[1], sys.argv[2]
+pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+try:
+    model = CLIPModel.from_pretrained(folder).eval()
+except Exception as e:
+    print(json.dumps({"error": f"{type(e).__name__}: {str(e)[:300]}"}))
+    sys.exit(0)
+ref = CLIPModel.from_pretrained(reference).eval()
+with torch.no_grad():
+    got, want = model.get_image_features(pixel_values=pixels), ref.get_image_features(pixel_values=pixels)
+got = got.pooler_output if hasattr(got, "pooler_output") else got
+want = want.pooler_output if hasattr(want, "pooler_output") else want
+print(json.dumps({"max_diff_to_unreduced": float((got - want).abs().max())}))
+"""
+
+
+def test_what_the_stock_class_gives_for_each_kind_of_output(tmp_path):
+    """Without remote code, the stock class (issue 17, point 4): a token-reduced output loads as the *unreduced* model
+    (outputs equal the source model's: the reduction is not applied), a pruned one fails with transformers' error
+    about the changed shapes; the model card says both."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    source = zoo_folder("shapes-clip-small")
+    results = {}
+    for name, stages in (("reduced", [{"method": "token_reduce", "r": 2}]),
+                         ("pruned", [{"method": "structured_prune", "ratio": 0.5}])):
+        out = tmp_path / name
+        vlmcompress.apply({"model": "shapes-clip-small", "output": str(out), "stages": stages}, progress=False)
+        assert "gives the *unreduced* model" in (out / "README.md").read_text()
+        run = subprocess.run([sys.executable, "-c", STOCK_CHILD, str(out), str(source)], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert results["reduced"]["max_diff_to_unreduced"] < 1e-5
+    assert "ignore_mismatched_sizes" in results["pruned"].get("error", ""), results["pruned"]

@@ -212,18 +212,33 @@ def inspect(
 
 @app.command("list-methods")
 @_friendly
-def list_methods_cmd():
-    """List the stage methods a recipe can use."""
+def list_methods_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """List the stage methods a recipe can use, with every choice of each (algorithm, importance, backend)."""
     from .recipe import list_methods  # the recipe schema registers the built-in methods
 
-    table = Table("method", "description", "keys")
+    entries = []
     for entry in list_methods():
-        keys = ", ".join(k for k in entry.config_cls.model_fields if k != "method")
+        item = {"method": entry.name, "summary": entry.summary,
+                "keys": [k for k in entry.config_cls.model_fields if k != "method"]}
         choices = entry.config_cls.choices()
         if choices is not None:  # e.g. algorithm: tome | turbo | ... (each with keys of its own)
-            keys += f"; {choices[0]}: {' | '.join(choices[1])}"
-        table.add_row(entry.name, entry.summary, keys)
+            key, registry = choices
+            item["choice_key"] = key
+            item["choices"] = {name: _first_line(cls.__doc__) for name, cls in registry.items()}
+        entries.append(item)
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    table = Table("method", "description", "keys")
+    for item in entries:
+        table.add_row(item["method"], item["summary"], ", ".join(item["keys"]))
+        for name, summary in item.get("choices", {}).items():
+            table.add_row("", f"  {item['choice_key']}: {name}", summary)
     console.print(table)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0].rstrip(".")
 
 
 @app.command()
@@ -336,7 +351,7 @@ def zoo_list():
 
 
 @app.command(epilog="Examples:\n\n  vlmcompress bench tiny-clip --batch-sizes 1,8\n\n"
-                    "  vlmcompress bench out/base --against out/tiny-clip-tome --repeats 5   # ratios, interleaved\n\n"
+                    "  vlmcompress bench shapes-clip --against out/shapes-clip-compressed --repeats 5   # after the quickstart\n\n"
                     "  vlmcompress bench tiny-llava --threads 2 --json > bench.json")
 @_friendly
 def bench(

@@ -145,9 +145,11 @@ class StructuredPruneStage(Stage):
             params = sum(p.numel() for u in atts + mlps if u.component == comp for p in u.module.parameters())
             if heads or width:
                 r = ratios[comp]
-                plan[comp] = {"head_groups": [heads, heads - int(round(r * heads))],
-                              "mlp_neurons": [width, width - int(round(r * width))],
-                              "unit_params_estimate": [params, int(params * (1 - r))]}
+                targets = self.config.targets
+                plan[comp] = {
+                    "head_groups": [heads, heads - int(round(r * heads))] if "heads" in targets else "not targeted",
+                    "mlp_neurons": [width, width - int(round(r * width))] if "mlp" in targets else "not targeted",
+                    "unit_params_estimate": [params, int(params * (1 - r))]}
         plan["modules"] = len(atts) + len(mlps)
         if "vision" in ratios:
             # FLOPs of the vision encoder at full token count, before and after a uniform cut of the same ratio
