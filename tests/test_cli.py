@@ -268,3 +268,23 @@ def test_list_methods_names_every_choice_with_its_summary():
     assert set(entries["quantize"]["choices"]) >= {"torch", "torchao", "quanto", "neural_compressor", "onnxruntime"}
     table = runner.invoke(app, ["list-methods"]).output
     assert all(f"algorithm: {name}" in table for name in ALGORITHMS)
+
+
+def test_eval_on_a_local_folder_gives_what_apply_measures(tmp_path):
+    """`vlmcompress eval MODEL --data FOLDER` (issue 17, point 8): the recall `apply` measures on the same data."""
+    import json
+
+    from vlmcompress.accuracy import measure
+    from vlmcompress.data import load_rows
+    from vlmcompress.data.schema import DataSource
+    from vlmcompress.data.sources import export_image_folder, load_source
+    from vlmcompress.models import load_model
+
+    folder = export_image_folder(load_source({"builtin": "shapes", "split": "test", "size": 60}, image_size=32),
+                                 tmp_path / "folder")
+    result = runner.invoke(app, ["eval", "shapes-clip-small", "--data", str(folder), "--size", "60", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output[result.output.index("{"):])  # (transformers' loading bar goes to stderr)
+    model, processor = load_model("shapes-clip-small")
+    expected = measure(model, processor, "clip", load_rows(DataSource(path=str(folder)), model, 0, 60))
+    assert got["size"] == 60 and {k: got[k] for k in expected} == expected

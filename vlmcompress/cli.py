@@ -237,6 +237,32 @@ def list_methods_cmd(as_json: bool = typer.Option(False, "--json", help="print J
     console.print(table)
 
 
+def _eval_on_data(name: str, model, processor, family: str, data: str, size: int, as_json: bool) -> None:
+    from .accuracy import measure, not_measured
+    from .data import load_rows
+    from .data.schema import DataSource
+    from .errors import VlmCompressError
+
+    if data.startswith("hf:"):
+        dataset, _, split = data[3:].partition(":")
+        source = DataSource(hf=dataset, split=split or "test")
+    else:
+        source = DataSource(path=data)
+    rows = load_rows(source, model, 0, size)
+    result = measure(model, processor, family, rows)
+    if result is None:
+        raise VlmCompressError(not_measured(family, rows, processor) or f"eval cannot measure a {family} model on "
+                               f"{data}")
+    if as_json:
+        print(json.dumps({"model": name, "data": data, "size": len(rows), **result}, indent=2))
+        return
+    table = Table("metric", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(f"[bold]{name}[/bold] on {data} ({len(rows)} examples)", highlight=False)
+    console.print(table)
+
+
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().split("\n")[0].rstrip(".")
 
@@ -270,16 +296,22 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON")):
 def eval_cmd(
     model: str = typer.Argument(..., help="a local folder, a built-in teacher (shapes-clip) or a Hub id"),
     size: int = typer.Option(5000, min=10, help="number of shapes test pairs (folds of 1,000)"),
+    data: Optional[str] = typer.Option(None, "--data", help="evaluate on other data, as recipes name it: a local "
+                                                           "folder (images + metadata.jsonl, or a save_to_disk "
+                                                           "folder) or hf:DATASET_ID[:SPLIT]"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Accuracy on the shapes test split with baselines: recall@1/5/10 both ways and zero-shot for dual encoders,
-    exact-match VQA (with chance, majority-answer and no-image baselines) for LLaVA models."""
+    exact-match VQA (with chance, majority-answer and no-image baselines) for LLaVA models; or, with --data, the
+    metrics `apply` measures on that data (retrieval recall; VQA where it has question / answer columns)."""
     from .adapters import adapter_for
     from .evaluate import evaluate_dual_encoder, evaluate_vqa
     from .models import load_model
 
     m, processor = load_model(model)
     family = adapter_for(m).family
+    if data is not None:
+        return _eval_on_data(model, m, processor, family, data, size, as_json)
     if family == "llava":
         return _print_vqa(model, evaluate_vqa(m, processor, size=size), as_json)
     if family not in ("clip", "siglip"):
