@@ -116,16 +116,7 @@ def evaluate_dual_encoder(model: nn.Module, processor: Any, rows: list[dict] | N
 
 
 VQA_PROMPT = shapes.VQA_PROMPT  # the built-in teacher's; a processor with a chat template builds its own
-
-
-def vqa_prompts(processor: Any, questions: list[str]) -> list[str]:
-    """Prompts for `questions` about one image each: the processor's chat template (one user turn: the image, then
-    the question) when it has one, else the built-in teacher's `VQA_PROMPT`."""
-    if getattr(processor, "chat_template", None):
-        return [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                             {"type": "text", "text": q}]}],
-                                              add_generation_prompt=True, tokenize=False) for q in questions]
-    return [VQA_PROMPT.format(question=q) for q in questions]
+vqa_prompts = shapes.vqa_prompts
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ class LlavaAdapter(ModelAdapter):
 
     def collate(self, processor, rows):
         """`user: <image> QUESTION assistant: ANSWER </s>` prompts (left-padded), labels on the answer tokens."""
-        from ..evaluate import vqa_prompts  # here: adapters sit below the evaluation code
+        from ..data.shapes import vqa_prompts
 
         questions = [r.get("question", "what is in the image ?") for r in rows]
         answers = [r.get("answer", r["text"]) for r in rows]

@@ -48,6 +48,16 @@ VQA_CHAT_TEMPLATE = (
 )
 
 
+def vqa_prompts(processor, questions: list[str]) -> list[str]:
+    """Prompts for `questions` about one image each: the processor's chat template (one user turn: the image, then
+    the question) when it has one, else the built-in teacher's `VQA_PROMPT`."""
+    if getattr(processor, "chat_template", None):
+        return [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                             {"type": "text", "text": q}]}],
+                                              add_generation_prompt=True, tokenize=False) for q in questions]
+    return [VQA_PROMPT.format(question=q) for q in questions]
+
+
 @dataclass(frozen=True)
 class ShapesConfig:
     image_size: int = 80
