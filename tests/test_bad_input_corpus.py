@@ -123,6 +123,8 @@ def _paths(node, prefix=()):
 def _mutate(data: dict, rng: random.Random) -> dict:
     data = copy.deepcopy(data)
     paths = [p for p in _paths(data) if p[0] != "output"]
+    if not paths:  # everything but the output was deleted already
+        return data
     path = rng.choice(paths)
     parent = data
     for part in path[:-1]:
