@@ -147,8 +147,7 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
 def _check_token_ids(config, name: str) -> None:
     """A text config whose special token ids lie outside its vocabulary (e.g. CLIP's default `eos_token_id` 49407 with
     a 1,000-token vocabulary: transformers only warns) would fail deep inside a forward; say so now."""
-    for key in ("text_config", None):
-        sub = getattr(config, key, None) if key else config
+    for key, sub in (("text_config", getattr(config, "text_config", None)), (None, config)):
         vocab = getattr(sub, "vocab_size", None)
         if not isinstance(vocab, int):
             continue
@@ -158,8 +157,6 @@ def _check_token_ids(config, name: str) -> None:
                 where = f"{key}.{attr}" if key else attr
                 raise ModelLoadError(f"model '{name}': {where} is {value}, outside its vocabulary of {vocab:,} tokens; "
                                      f"set {where} in its config.json to the tokenizer's id")
-        if key is None:
-            break
 
 
 def _load_processor(name: str) -> Any:

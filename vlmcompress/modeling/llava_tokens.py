@@ -117,12 +117,17 @@ def placeholder_keep_mask(input_ids: torch.Tensor, token_id: int, full: int,
                           keep: int | torch.Tensor) -> torch.Tensor:
     """`[B, L]` bool: every non-placeholder token, and the first `keep` placeholders of every run of `full` (`keep`:
     one count, or a count per image `[num_images]` in the row-major order of the runs)."""
-    is_placeholder, index, run_id = _run_index(input_ids, token_id, full)
+    return _keep_first(*_run_index(input_ids, token_id, full), keep)
+
+
+def _keep_first(is_placeholder: torch.Tensor, index: torch.Tensor, run_id: torch.Tensor,
+                keep: int | torch.Tensor) -> torch.Tensor:
+    """`placeholder_keep_mask` from the `_run_index` of a prompt."""
     if isinstance(keep, torch.Tensor):
         runs = int(run_id.max()) + 1 if bool(is_placeholder.any()) else 0
         if runs != keep.shape[0]:
             raise ValueError(f"the prompt holds {runs} image placeholder runs but {keep.shape[0]} images were encoded")
-        keep = keep.to(input_ids.device)[run_id.clamp_min(0)]
+        keep = keep.to(index.device)[run_id.clamp_min(0)]
     return ~is_placeholder | (index < keep)
 
 
@@ -143,8 +148,8 @@ def kept_image_positions(input_ids: torch.Tensor, position_ids: torch.Tensor, to
     """
     k = offsets.shape[1]
     counts = torch.full((offsets.shape[0],), k, device=offsets.device) if counts is None else counts
-    keep = placeholder_keep_mask(input_ids, token_id, full, counts)
     is_placeholder, index, run_id = _run_index(input_ids, token_id, full)
+    keep = _keep_first(is_placeholder, index, run_id, counts)
     # the j-th placeholder of a run stands at run start + j: move it to run start + offsets[image, j]
     shift = offsets - torch.arange(k, device=offsets.device)
     kept_image = is_placeholder & keep
