@@ -51,9 +51,19 @@ def q(**kw) -> dict:
 # name → quantize stage (None: the fp32 model itself)
 SPEED_VARIANTS: dict[str, dict | None] = {
     "fp32": None,
-    "torch int8_dynamic (scheme: int8)": q(),
+    # the default: backend auto picks the path for this CPU (table + probe; the chosen path is in the JSON)
+    "scheme: int8 (default)": q(),
+    # every int8 path `scheme: int8` chooses among, pinned (8-bit activations unless the CPU needs 7: see
+    # vlmcompress/stages/quantize/int8_paths.py)
+    "torch int8 x86 engine, 7-bit activations (default before #19)": q(backend="torch", scheme="int8_dynamic",
+                                                                       engine="x86", reduce_range=True),
+    "torch int8 x86 engine": q(backend="torch", scheme="int8_dynamic", engine="x86"),
+    "torch int8 fbgemm engine": q(backend="torch", scheme="int8_dynamic", engine="fbgemm"),
+    "torch int8 onednn engine": q(backend="torch", scheme="int8_dynamic", engine="onednn"),
     "torchao int8_dynamic (eager)": q(backend="torchao", scheme="int8_dynamic", compile=False),
     "torchao int8_dynamic + compile": q(backend="torchao", scheme="int8_dynamic", compile=True),
+    # the reference: ONNX Runtime's dynamic int8 of the exported tower, timed as loaded back (out/onnx)
+    "onnxruntime int8": q(backend="onnxruntime", scheme="int8"),
     "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
     "torchao int4_weight_only (g128)": q(backend="torchao", scheme="int4_weight_only"),
     "quanto int8_weight_only": q(backend="quanto", scheme="int8_weight_only"),
@@ -69,8 +79,12 @@ SPEED_VARIANTS: dict[str, dict | None] = {
 
 ACCURACY_VARIANTS: dict[str, dict | None] = {
     "fp32": None,
-    "torch int8_dynamic (scheme: int8)": q(),
-    "torch int8_dynamic, reduce_range: false": q(reduce_range=False),
+    "scheme: int8 (default)": q(),
+    "torch int8 x86 engine, 7-bit activations (default before #19)": q(backend="torch", scheme="int8_dynamic",
+                                                                       engine="x86", reduce_range=True),
+    "torch int8 x86 engine": q(backend="torch", scheme="int8_dynamic", engine="x86"),
+    "torch int8 fbgemm engine": q(backend="torch", scheme="int8_dynamic", engine="fbgemm"),
+    "torch int8 onednn engine": q(backend="torch", scheme="int8_dynamic", engine="onednn"),
     "torchao int8_dynamic (eager)": q(backend="torchao", scheme="int8_dynamic", compile=False),
     "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
     "torchao int4_weight_only (g32)": q(backend="torchao", scheme="int4_weight_only", group_size=32),
@@ -87,7 +101,9 @@ ACCURACY_VARIANTS: dict[str, dict | None] = {
 
 
 def disk_mb(folder: Path) -> float:
-    return round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20, 2)
+    """The weights a user deploys: the ONNX graphs when the folder has them, else the safetensors."""
+    files = list((folder / "onnx").glob("*.onnx*")) if (folder / "onnx").is_dir() else folder.glob("*.safetensors")
+    return round(sum(f.stat().st_size for f in files) / 2**20, 2)
 
 
 def write_variant(name: str, stages: dict | list | None, folder: Path, model: torch.nn.Module | None = None,
@@ -115,7 +131,18 @@ def write_variant(name: str, stages: dict | list | None, folder: Path, model: to
 def load_back(folder: Path, fp32: bool, model_class=CLIPModel) -> torch.nn.Module:
     if fp32:
         return model_class.from_pretrained(folder).eval()
+    if (folder / "onnx").is_dir():
+        from vlmcompress.models import load_model
+
+        return load_model(str(folder / "onnx"))[0]
     return vlmcompress.load(folder)
+
+
+def chosen_path(folder: Path) -> dict | None:
+    """What `scheme: int8` resolved to in a written folder (path, source, probe times), or None."""
+    config = json.loads((folder / "config.json").read_text())
+    resolved = (config.get("quantization") or {}).get("resolved")
+    return {k: resolved[k] for k in ("path", "source", "probe_ms", "options") if k in resolved} if resolved else None
 
 
 def encode(model, pixels):
@@ -154,7 +181,8 @@ def workloads() -> dict[str, Workload]:
     from bench_llava_shaped import llava_shaped
     from transformers import LlavaForConditionalGeneration
 
-    plain = {k: v for k, v in SPEED_VARIANTS.items() if not isinstance(v, list)}
+    # ONNX Runtime exports LLaVA's vision tower only: no comparable prefill
+    plain = {k: v for k, v in SPEED_VARIANTS.items() if not isinstance(v, list) and "onnxruntime" not in k}
     return {
         "speed": Workload("CLIP ViT-B/16 get_image_features (vision tower + projection)", vit_b16_clip,
                           SPEED_VARIANTS, encode, lambda model, bs: torch.randn(bs, 3, 224, 224), CLIPModel,
@@ -173,6 +201,8 @@ def speed(args, workload: Workload) -> dict:
     only_bs1: set[str] = set()  # far too slow at batch 1 to be timed at batch 32
     try:
         for name, stage in workload.variants.items():
+            if not selected(name, args):
+                continue
             folder = work / f"v{len(models)}"
             if workload.quantize_components and isinstance(stage, dict):
                 stage = stage | {"components": workload.quantize_components}
@@ -181,6 +211,8 @@ def speed(args, workload: Workload) -> dict:
             info = write_variant(name, stage, folder, model=workload.build())
             models[name] = load_back(folder, stage is None, workload.model_class)
             results["variants"][name] = {"size_on_disk_mb": disk_mb(folder), **info}
+            if stage is not None and chosen_path(folder):
+                results["variants"][name]["int8_path"] = chosen_path(folder)
             print(name, results["variants"][name], flush=True)
         for bs, calls in ((1, args.bs1_calls), (32, 1)):
             pixels = workload.inputs(models["fp32"], bs)
@@ -333,8 +365,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=5000, help="shapes test pairs for accuracy")
     parser.add_argument("--llava", action="store_true", help="also shapes-llava VQA accuracy")
     parser.add_argument("--vqa-size", type=int, default=2000)
-    parser.add_argument("--only", default=None, help="accuracy: comma-separated substrings of the variants to run")
-    parser.add_argument("--skip", default=None, help="accuracy: comma-separated substrings of variants to leave out")
+    parser.add_argument("--only", default=None, help="comma-separated substrings of the variants to run (fp32 always "
+                                                     "runs: speed-ups are against it)")
+    parser.add_argument("--skip", default=None, help="comma-separated substrings of variants to leave out")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON and exit")
     args = parser.parse_args()

@@ -4,6 +4,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+# scheme: int8 takes the table's path for this CPU, not a timing probe's (tests/test_int8_choice.py turns it on)
+os.environ["VLMCOMPRESS_INT8_PROBE"] = "0"
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402

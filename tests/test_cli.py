@@ -61,7 +61,8 @@ def test_apply_writes_checkpoint_and_summary(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: tiny-clip") and "trust_remote_code=True" in card
+    # a built-in name is not a Hub id: no base_model (the body names the source)
+    assert card.startswith("---\n") and "base_model" not in card.split("---")[1] and "trust_remote_code=True" in card
     assert not (tmp_path / "out.vlmcompress-work").exists()
 
 

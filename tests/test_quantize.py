@@ -62,6 +62,8 @@ CASES: dict[str, tuple[str, list, dict, str, bool]] = {
     "blip-prune-tome-torchao": ("tiny-blip", PRUNE_TOME, q(backend="torchao", scheme="int8_weight_only"), "int8",
                                 False),
     "siglip-vision-only-torch": ("tiny-siglip", [], q(components=["vision"]), "int8", False),
+    "torch-onednn-int8_dynamic": ("tiny-clip", [], q(backend="torch", scheme="int8_dynamic", engine="onednn"), "int8",
+                                  False),
     "blip2-quanto-mixed": ("tiny-blip2", [], q(backend="quanto", scheme="int8_weight_only",
                                               overrides={"llm": "int4_weight_only"}), "int4", False),
 }
@@ -264,7 +266,7 @@ def test_every_backend_scheme_is_covered():
     from vlmcompress.stages.quantize import backend_schemes
 
     every = CASES | SLOW_CASES
-    covered = {(every[n][2].get("backend", "torch"), every[n][2].get("scheme", "int8")) for n in every}
+    covered = {(every[n][2].get("backend", "auto"), every[n][2].get("scheme", "int8")) for n in every}
     from vlmcompress.stages.quantize import resolve_scheme
 
     covered = {(b, resolve_scheme(b, s)) for b, s in covered}
@@ -277,8 +279,9 @@ def test_every_backend_scheme_is_covered():
 
 def test_int8_resolution_recorded(quantized):
     spec = config_of(quantized["torch-int8"])["quantization"]
-    assert spec["requested"] == {"backend": "torch", "scheme": "int8"}
-    assert spec["resolved"]["int8"] == "int8_dynamic"
+    assert spec["requested"] == {"backend": "auto", "scheme": "int8"}
+    assert spec["resolved"]["int8"] == "int8_dynamic" and spec["resolved"]["path"] in ("torch-x86", "torch-onednn",
+                                                                                       "torch-fbgemm", "torchao")
     assert {s["scheme"] for s in spec["schemes"].values()} == {"int8_dynamic"}
     assert "faster" in spec["schemes"]["vision"]["cpu_speed"]
     report = json.loads((quantized["torch-int8"].out / "report.json").read_text())

@@ -23,6 +23,7 @@ if not _os.environ.get("VLMCOMPRESS_DEBUG"):
 _LAZY = {
     "apply": ("orchestrator", "apply"),
     "load": ("checkpoint", "load"),
+    "push": ("publish", "push"),
     "Recipe": ("recipe", "Recipe"),
     "load_recipe": ("recipe", "load_recipe"),
     "list_methods": ("recipe", "list_methods"),  # through recipe: the built-in methods registered

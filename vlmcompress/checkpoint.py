@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,16 @@ def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map:
         with torch.device("meta"):
             return model_cls._from_config(config).eval()
     try:
-        return model_cls.from_pretrained(folder, dtype=dtype, device_map=device_map).eval()
+        model = model_cls.from_pretrained(folder, dtype=dtype, device_map=device_map).eval()
     except Exception as e:
         raise ModelLoadError(f"could not load '{folder}' ({str(e).splitlines()[0][:200]}); "
                              "the checkpoint may be incomplete or corrupt") from None
+    quantization = getattr(model.config, "quantization", None)
+    if quantization:
+        from .cpu import detect
+        from .stages.quantize.int8_paths import installed_paths, load_note
+
+        note = load_note(quantization, detect(), installed_paths())
+        if note:
+            print(f"vlmcompress: {note}", file=sys.stderr)
+    return model

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress vision-language models with declarative YAML recipes.\n\n"
                        "Example: vlmcompress apply recipes/quickstart.yaml")
 from .cli_output import (_eval_on_data, _first_line, _print_plan, _print_vqa, console, err_console,  # noqa: F401
-                         quiet_third_party, speed_line)
+                         int8_lines, quiet_third_party, speed_line)
 
 
 def _friendly(fn):
@@ -103,6 +103,8 @@ def apply(
         if "loss_first" in d and "samples_per_s" in d:
             console.print(f"  {s['method']}: {d['steps']} steps in {d['seconds']} s ({d['samples_per_s']} samples/s), "
                           f"loss {d['loss_first']} → {d['loss_last']}", highlight=False)
+    for line in int8_lines(report):
+        console.print(f"  {line}", highlight=False)
     if "speed" in report:
         console.print(f"  {speed_line(report['speed'])}", highlight=False)
     console.print(f"  load it: AutoModel.from_pretrained('{out}', trust_remote_code=True)", highlight=False)
@@ -204,9 +206,14 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     from . import cpu
     from .checkpoint import library_versions
 
+    from .stages.quantize.int8_paths import installed_paths, resolve_int8
+
+    here = resolve_int8(cpu.detect(), installed_paths())
     info = {"python": platform.python_version(), "platform": platform.platform(),
             **library_versions(), "torch threads": torch.get_num_threads(),
-            "cuda available": torch.cuda.is_available(), "cpu": cpu.describe()}
+            "cuda available": torch.cuda.is_available(), "cpu": cpu.describe(),
+            "int8": {"cpu_class": here.cpu_class, "table_path": here.table_path, "options": here.options,
+                     "table": here.table_status, "installed_paths": sorted(installed_paths())}}
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -214,6 +221,9 @@ def env(as_json: bool = typer.Option(False, "--json", help="print JSON")):
         if key == "cpu":
             for name in ("label", "capability", "quantized_engine", "mkl", "onednn"):
                 console.print(f"- cpu {name}: {value.get(name)}", highlight=False)
+        elif key == "int8":
+            console.print(f"- scheme: int8 here: {value['table_path']} for {value['cpu_class']} ({value['table']}; "
+                          "apply's probe may pick another)", highlight=False)
         else:
             console.print(f"- {key}: {value}", highlight=False)
 
@@ -368,6 +378,15 @@ def bench(
         console.print(f"reductions (MODEL ÷ OTHER): parameters {fmt(ratios['params_reduction'])}, size on disk "
                       f"{fmt(ratios['size_reduction'])}", highlight=False)
     console.print(f"timing: {what['timing']}\nmemory: {what['memory']}", style="dim", highlight=False)
+
+
+from . import cli_publish  # noqa: E402  (its commands, registered here so that `--help` lists them in order)
+
+app.command("report", epilog="Example:\n\n  vlmcompress report out/shapes-clip-compressed --base shapes-clip "
+                             "--out report/")(_friendly(cli_publish.report))
+app.command("push", epilog="Examples:\n\n  vlmcompress push out/shapes-clip-compressed --repo-id me/clip-small "
+                           "--dry-run\n\n  vlmcompress push out/shapes-clip-compressed --repo-id me/clip-small "
+                           "--private")(_friendly(cli_publish.push))
 
 
 def main() -> None:

@@ -96,6 +96,20 @@ def _print_vqa(model: str, result: dict, as_json: bool) -> None:
     console.print(table)
 
 
+def int8_lines(report: dict) -> list[str]:
+    """What `scheme: int8` resolved to (path, why) and, where ONNX Runtime's int8 is known to be faster on this
+    kind of CPU, the advice to use it."""
+    lines = []
+    for stage in report["stages"]:
+        resolved = stage["details"].get("resolved") or {}
+        if "path" in resolved:
+            options = ", ".join(f"{k} {v}" for k, v in resolved["options"].items())
+            lines.append(f"int8: {resolved['path']} ({options}): {resolved['why']}")
+        if stage["details"].get("advice"):
+            lines.append(stage["details"]["advice"])
+    return lines
+
+
 def speed_line(speed: dict) -> str:
     """`image (batch 8): 1.52× faster (median of 5 interleaved rounds, 1.41–1.63×), GFLOPs 1.74× fewer`, or the
     reason no ratio is printed."""

@@ -80,16 +80,28 @@ def _describe(source) -> str:
     return ", ".join(f"{k}: {v}" for k, v in source.model_dump(exclude_none=True).items() if k != "size")
 
 
+DECISIONS = "decisions.json"  # in the work folder: what stages decided from the machine (RunContext.decisions)
+
+
+def _recorded_decisions(work: Path) -> dict[str, Any]:
+    try:
+        return json.loads((work / DECISIONS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _find_resume_point(work: Path, recipe: Recipe) -> tuple[int, Path | None]:
-    """(number of completed stages that still match the recipe, their checkpoint folder)."""
+    """(number of completed stages that still match the recipe and the recorded decisions, their checkpoint
+    folder)."""
     done, folder = 0, None
+    decisions = _recorded_decisions(work)
     for i in range(len(recipe.stages)):
         candidate = work / f"stage-{i + 1:02d}"
         meta_file = candidate / STAGE_META
         if not meta_file.is_file():
             break
         meta = json.loads(meta_file.read_text())
-        if meta.get("prefix_hash") != recipe.prefix_hash(i + 1):
+        if meta.get("prefix_hash") != recipe.prefix_hash(i + 1, decisions):
             break
         done, folder = i + 1, candidate
     return done, folder
@@ -158,8 +170,13 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
     params_before = count_params(model)
     work = work_dir_for(out)
     start = 0
+    ctx.world_size = world_size
+    if save and main:
+        ctx.decisions_file = work / DECISIONS
     if save and resume:
         start, folder = _find_resume_point(work, recipe)
+        # decisions of stages that still match are kept; those of stages that run again are taken again
+        ctx.decisions = {k: v for k, v in _recorded_decisions(work).items() if int(k[6:8]) <= start + 1}
         if folder is not None:
             ctx.model = load(folder)
             ctx.compression = compression_record(ctx.model)
@@ -317,7 +334,7 @@ def _save_stage(ctx: RunContext, work: Path, index: int, recipe: Recipe, params_
     target = work / f"stage-{index + 1:02d}"
     work.mkdir(parents=True, exist_ok=True)
     model = to_compressed(ctx.model, ctx.compression, ctx.adapter, recipe.model)
-    meta = {"stage": index + 1, "method": recipe.stages[index].method, "prefix_hash": recipe.prefix_hash(index + 1),
+    meta = {"stage": index + 1, "method": recipe.stages[index].method, "prefix_hash": recipe.prefix_hash(index + 1, ctx.decisions),
             "params_before_recipe": params_before, "reports": [r.to_dict() for r in ctx.reports],
             "artifacts": sorted(ctx.artifacts)}
 

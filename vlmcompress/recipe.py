@@ -56,10 +56,14 @@ class Recipe(StrictModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def prefix_hash(self, num_stages: int) -> str:
-        """Hash of everything that determines the weights after the first `num_stages` stages."""
+    def prefix_hash(self, num_stages: int, decisions: dict[str, Any] | None = None) -> str:
+        """Hash of everything that determines the weights after the first `num_stages` stages: the recipe's part and
+        what those stages decided from the machine (`decisions`, keyed `stage-NN/...`)."""
         d = self.to_dict()
         key = {k: d[k] for k in ("model", "data", "seed", "dtype")} | {"stages": d["stages"][:num_stages]}
+        taken = {k: v for k, v in (decisions or {}).items() if int(k[6:8]) <= num_stages}
+        if taken:
+            key["decisions"] = taken
         # guards decide whether a run stops, never what the weights are: they stay out of the hash
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -71,17 +71,32 @@ class DynamicInt8Linear(nn.Module):
         scale: `[out]` float scales (`weight ≈ qdata * scale[:, None]`).
         bias: `[out]` or None.
         reduce_range: quantize activations to 7 bits, which x86 CPUs without VNNI need to avoid int16 overflow.
+        engine: the quantized engine the weights are packed for (`x86`, `fbgemm`, `onednn`, `qnnpack`); None: the
+            process's current one. The packed weight keeps its engine whatever the global setting is later.
     """
 
-    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool):
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool,
+                 engine: str | None = None):
         super().__init__()
         zero_points = torch.zeros(qdata.shape[0], dtype=torch.long)
+        previous = torch.backends.quantized.engine
+        if engine is not None and engine not in torch.backends.quantized.supported_engines:
+            raise RuntimeError(f"this quantized checkpoint packs its int8 weights for torch's '{engine}' engine, "
+                               f"which this torch build lacks (it has: "
+                               f"{', '.join(torch.backends.quantized.supported_engines)}); quantize the model again "
+                               f"on this machine")
         with warnings.catch_warnings():
             # quantized tensors are deprecated in torch (pytorch#184982) but remain the only eager int8 GEMM path
             warnings.simplefilter("ignore")
-            weight = torch._make_per_channel_quantized_tensor(qdata, scale.double(), zero_points, 0)
-            self._packed = torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.float())
+            try:
+                if engine is not None:
+                    torch.backends.quantized.engine = engine  # prepack packs for the current engine
+                weight = torch._make_per_channel_quantized_tensor(qdata, scale.double(), zero_points, 0)
+                self._packed = torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.float())
+            finally:
+                torch.backends.quantized.engine = previous
         self.reduce_range = reduce_range
+        self.engine = engine
 
     owns = ("weight.qdata",)  # the packed weight replaces these tensors (see `QuantizedLinear.build`)
 
@@ -108,8 +123,9 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _torch_build(layer: QuantizedLinear) -> nn.Module:
     t = layer.tensors()
+    options = layer.scheme["options"]
     return DynamicInt8Linear(t["weight.qdata"], t["weight.scale"], t.get("bias"),
-                             bool(layer.scheme["options"].get("reduce_range", True)))
+                             bool(options.get("reduce_range", True)), options.get("engine"))
 
 
 def torchao_config(scheme: str, options: dict[str, Any]):

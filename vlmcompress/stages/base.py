@@ -62,6 +62,22 @@ class RunContext:
     # the teacher's loader, set by the orchestrator only while a stage that declares `needs_teacher` runs
     teacher_loader: Callable[[], Any] | None = None
     _teacher: Any = field(default=None, repr=False)
+    world_size: int = 1  # processes in this run
+    # what stages decided from the machine rather than the recipe (`{"stage-03/int8": {...}}`): part of the resume
+    # hash of the stages after them, written to `decisions_file` (the main process's work folder) when taken, and
+    # read back from it on `--resume` so a resumed run keeps the same decision
+    decisions: dict[str, Any] = field(default_factory=dict)
+    decisions_file: Any = None
+
+    def record_decision(self, key: str, value: dict[str, Any]) -> None:
+        import json
+
+        self.decisions[key] = value
+        if self.decisions_file is not None:
+            self.decisions_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.decisions_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.decisions, indent=2, sort_keys=True))
+            tmp.replace(self.decisions_file)
 
     @property
     def teacher(self):

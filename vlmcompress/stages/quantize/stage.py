@@ -19,7 +19,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from ...errors import VlmCompressError
 from ...modeling.spec import QUANTIZATION_FORMAT, QuantizationSpec, QuantModuleSpec, QuantSchemeSpec
@@ -36,10 +36,11 @@ class QuantizeConfig(PluggableStageConfig):
 
     method: Literal["quantize"]
     backend: str = Field(
-        "torch", description="torch (built-in dynamic int8, fastest eager CPU path), torchao, quanto, "
-                             "neural_compressor or onnxruntime")
+        "auto", description="auto (the fastest int8 path of the PyTorch model on this CPU: torch's engines or "
+                            "torchao), torch (built-in dynamic int8), torchao, quanto, neural_compressor or "
+                            "onnxruntime")
     scheme: Scheme = Field(
-        "int8", description="int8 (the backend's fastest measured int8 path), int8_dynamic (int8 weights and "
+        "int8", description="int8 (the fastest int8 path for this CPU and backend), int8_dynamic (int8 weights and "
                             "activations), int8_weight_only, int4_weight_only, int8_static (calibrated activations), "
                             "fp32 (onnxruntime: export only)")
     components: list[Component] | None = Field(
@@ -59,21 +60,17 @@ class QuantizeConfig(PluggableStageConfig):
     package: ClassVar[str | None] = None  # its integration module (`vlmcompress.integrations.<name>`), if any
 
     choice_key: ClassVar[str] = "backend"
-    choice_default: ClassVar[str] = "torch"
+    choice_default: ClassVar[str] = "auto"
     registry: ClassVar[dict[str, type[StageConfig]]] = BACKENDS
+    # what `scheme: int8` resolved to in this run (`int8_paths.Int8Decision`), set by the backends that decide
+    _decision: Any = PrivateAttr(default=None)
+    _requested_backend: str | None = PrivateAttr(default=None)  # `auto` when auto handed the run to this backend
 
     @classmethod
     def foreign_keys_message(cls, data: dict[str, Any], foreign: dict[str, list[str]]) -> str:
         key, owners = next(iter(foreign.items()))
         wanted = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} or {owners[-1]}"
-        return f"{key}: {data[key]} needs backend: {wanted} (got backend: {data.get('backend', 'torch')})"
-        for key, value in data.items():
-            owners = [name for name, other in BACKENDS.items() if key in other.model_fields]
-            if key not in cls.model_fields and owners:
-                wanted = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} or {owners[-1]}"
-                raise ValueError(f"{key}: {value} needs backend: {wanted} (got backend: "
-                                 f"{data.get('backend', 'torch')})")
-        return data
+        return f"{key}: {data[key]} needs backend: {wanted} (got backend: {data.get('backend', cls.choice_default)})"
 
     @model_validator(mode="after")
     def _schemes_match_backend(self):
@@ -236,7 +233,16 @@ def finish(ctx: RunContext, config: QuantizeConfig, spec: QuantizationSpec, sche
         qmod.compile_components(ctx.model, spec.compile)
         for entry in spec.schemes.values():
             entry.cpu_speed = config.compiled_cpu_speed.get(entry.scheme, entry.cpu_speed)
-    if config.scheme == "int8":
+    advice = None
+    if config.scheme == "int8" and config._decision is not None:
+        decision = config._decision
+        spec.resolved = decision.to_dict()
+        spec.requested = {"backend": config._requested_backend or config.backend, "scheme": "int8"}
+        if (decision.onnxruntime_speedup or 0) > 1.1:
+            advice = (f"ONNX Runtime's int8 ran {decision.onnxruntime_speedup:.2f}x faster than {decision.path} on "
+                      f"{decision.cpu_class} CPUs ({decision.table_status}); to deploy on such a CPU, quantize with "
+                      f"backend: onnxruntime")
+    elif config.scheme == "int8":
         spec.resolved = {"int8": resolve_scheme(config.backend, "int8"),
                          "why": "the fastest int8 path of this backend measured on CPU (docs/benchmarks.md)"}
     ctx.compression["quantization"] = spec.to_dict()
@@ -250,6 +256,8 @@ def finish(ctx: RunContext, config: QuantizeConfig, spec: QuantizationSpec, sche
                "compile": spec.compile, "matched": sorted(spec.modules)}
     if spec.resolved is not None:
         details["resolved"] = spec.resolved
+    if advice:
+        details["advice"] = advice
     return details | (extra or {})
 
 
