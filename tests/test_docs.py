@@ -38,3 +38,13 @@ def test_python_dash_m_entry_point():
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "token_reduce" in proc.stdout
+
+
+def test_docs_site_builds_without_warnings(tmp_path):
+    """`mkdocs build --strict` (mkdocs.yml): every page in the nav exists, every link and anchor between pages
+    resolves."""
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    site = tmp_path / "site"
+    assert (site / "index.html").is_file() and (site / "methods" / "tome" / "index.html").is_file()

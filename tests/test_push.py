@@ -311,3 +311,21 @@ def test_push_is_a_top_level_name_that_imports_no_torch():
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_base_model_goes_into_the_uploaded_card_only(folder, hub):
+    """`--base-model` names the Hub source of an output compressed from a local copy: the uploaded card carries
+    it (with the relation the stages imply); the folder's README.md is not changed."""
+    from huggingface_hub import ModelCard
+
+    before = (folder / "README.md").read_bytes()
+    dry = push(folder, REPO, dry_run=True, base_model="openai/clip-vit-base-patch32")
+    push(folder, REPO, token=TOKEN, base_model="openai/clip-vit-base-patch32")
+    uploaded = hub.commits[-1].files["README.md"]
+    card = ModelCard(uploaded.decode())
+    assert card.data.base_model == "openai/clip-vit-base-patch32"
+    assert "base_model_relation" not in card.data.to_dict()  # token reduction alone changes no weight
+    assert dict(dry.files)["README.md"] == len(uploaded)
+    assert (folder / "README.md").read_bytes() == before
+    with pytest.raises(PushError):
+        push(folder, REPO, dry_run=True, base_model="not a repo id")

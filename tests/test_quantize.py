@@ -342,6 +342,9 @@ def test_quantize_must_be_last(tmp_path):
     (q(backend="torch", scheme="int4_weight_only"), "backend torch has no scheme 'int4_weight_only'"),
     (q(backend="quanto", overrides={"text": "int8_dynamic"}), "overrides.text: backend quanto has no scheme"),
     (q(algorithm="gptq"), "algorithm: gptq needs backend: neural_compressor"),
+    (q(backend="quanto", scheme="int4_weight_only", group_size=32), "group_size: 32 has no effect with backend: quanto"),
+    (q(backend="auto", scheme="int8_weight_only"), "backend auto has no scheme 'int8_weight_only'"),
+    (q(engine="onednn"), "engine: onednn needs backend: torch"),
 ])
 def test_bad_scheme_is_a_recipe_error(tmp_path, stage, fragment):
     with pytest.raises(RecipeError, match=fragment):

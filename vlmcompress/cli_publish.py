@@ -18,6 +18,9 @@ def push(
     revision: Optional[str] = typer.Option(None, help="branch to commit to (created when missing)"),
     create_pr: bool = typer.Option(False, "--create-pr", help="open a pull request instead of committing"),
     message: Optional[str] = typer.Option(None, "--message", "-m", help="commit message"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Hub id of the source model, for an output "
+                                                                        "compressed from a local copy of it (the "
+                                                                        "uploaded card names it)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list every file, its size and the commit message; "
                                                           "send nothing"),
 ):
@@ -26,7 +29,7 @@ def push(
     from .publish import push as run_push
 
     result = run_push(folder, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
-                      commit_message=message)
+                      commit_message=message, base_model=base_model)
     for line in format_result(result):
         console.print(line, highlight=False, markup=False)
 

@@ -278,7 +278,7 @@ def _hub_call(target: _Target, doing: str, call: Callable[[], T]) -> T:
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, dry_run: bool = False, commit_message: str | None = None,
-         token: str | None = None) -> PushResult:
+         token: str | None = None, base_model: str | None = None) -> PushResult:
     """Upload every file of an `apply` output folder to the model repository `repo_id` in one commit.
 
     Args:
@@ -290,6 +290,9 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         dry_run: check the folder and return what would be sent, without any network request or token.
         commit_message: default "Upload {folder name} compressed with vlmcompress {version}".
         token: default `HF_TOKEN`, else the login saved by `hf auth login`.
+        base_model: a Hub id to name as the card's `base_model` (with the `base_model_relation` the stages imply),
+            for outputs compressed from a local copy of a Hub model; the uploaded card carries it, the folder's
+            README.md stays as it is.
 
     Raises:
         PushError: a folder that is not a complete output, a symbolic link in it, an invalid `repo_id`, no token,
@@ -299,6 +302,11 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     check_repo_id(repo_id)
     files = check_folder(folder)
     message = commit_message or default_commit_message(folder)
+    card = None
+    if base_model is not None:
+        check_repo_id(base_model)
+        card = card_with_base_model(folder, base_model)
+        files = [(path, len(card) if path == "README.md" else size) for path, size in files]
     if dry_run:
         return PushResult(repo_id, files, message, dry_run=True)
     resolved = resolve_token(token)
@@ -306,11 +314,27 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access, "
                         f"from {hub_endpoint()}/settings/tokens), or pass --dry-run to only check the folder")
     target = _Target(hub_endpoint(), repo_id, resolved, revision)
-    return _publish(folder, files, message, target, private=private, create_pr=create_pr)
+    return _publish(folder, files, message, target, private=private, create_pr=create_pr, card=card)
+
+
+def card_with_base_model(folder: Path, base_model: str) -> bytes:
+    """The folder's model card with `base_model` set (and `base_model_relation` from the recipe's stages)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from .model_card import base_model_relation
+
+    card = ModelCard.load(folder / "README.md")
+    card.data.base_model = base_model
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
+    relation = base_model_relation([s.get("method") for s in (recipe or {}).get("stages", []) if isinstance(s, dict)])
+    if relation:
+        card.data.base_model_relation = relation
+    return str(card).encode()
 
 
 def _publish(folder: Path, files: list[tuple[str, int]], message: str, target: _Target, *, private: bool,
-             create_pr: bool) -> PushResult:
+             create_pr: bool, card: bytes | None = None) -> PushResult:
     from huggingface_hub import CommitOperationAdd, HfApi
 
     # library_name/version: the Hub sees uploads by vlmcompress in its user-agent statistics
@@ -340,7 +364,8 @@ def _publish(folder: Path, files: list[tuple[str, int]], message: str, target: _
         _hub_call(target, f"creating the branch {revision!r}", lambda: api.create_branch(
             repo_id, branch=revision, repo_type="model", exist_ok=True, token=token))
     # one create_commit with every file: the Hub applies it whole or not at all
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path, _ in files]
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=card if path == "README.md" and card
+                                     else str(folder / path)) for path, _ in files]
     info = _hub_call(target, "uploading the files", lambda: api.create_commit(
         repo_id, operations, commit_message=message, repo_type="model", revision=revision, create_pr=create_pr,
         token=token))

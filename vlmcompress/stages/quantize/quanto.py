@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from .library import LibraryConfig
 from .stage import register_backend
 
@@ -22,3 +24,12 @@ class QuantoConfig(LibraryConfig):
         "int4_weight_only": "smaller only; not faster than fp32 on CPU (1.0x measured)",
         "int8_static": "smaller only; CPU speed not measured",
     }
+
+    @model_validator(mode="after")
+    def _no_group_size(self):
+        # optimum-quanto's quantize() takes no group size (its int4 groups are fixed by the library): a given one
+        # would silently do nothing
+        if self.group_size is not None:
+            raise ValueError(f"group_size: {self.group_size} has no effect with backend: quanto (its groups are "
+                             "fixed); remove it, or use backend: torchao or neural_compressor for a chosen group size")
+        return self

@@ -10,7 +10,7 @@
   the patches, split 54:10 as VisionZip's 64-token setting. Default: VisionZip's default 191 + 30 for 576 patches,
   scaled to the tower.
 - `prumerge` (Shang et al., 2024): at the same point, keep the patches whose CLS attention is an outlier
-  (`mode: adaptive`, IQR over the batch, so the count depends on the images) or the `keep_ratio` most attended
+  (`mode: adaptive`, IQR per image, so the count depends on the image) or the `keep_ratio` most attended
   (`mode: fixed`); each kept patch absorbs its `neighbours` most key-similar patches weighted by their CLS
   attention, and one extra token sums the dropped patches (`extra_token`). `plus: true` is PruMerge+ (a uniform
   stride of patches added, about three per outlier).
