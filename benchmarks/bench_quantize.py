@@ -48,18 +48,22 @@ def q(**kw) -> dict:
     return {"method": "quantize", **kw}
 
 
-# name → quantize stage (None: the fp32 model itself)
-SPEED_VARIANTS: dict[str, dict | None] = {
-    "fp32": None,
-    # the default: backend auto picks the path for this CPU (table + probe; the chosen path is in the JSON)
+# the default (backend auto picks the path for this CPU: table + probe; the chosen path is in the JSON) and every
+# torch int8 path `scheme: int8` chooses among, pinned (8-bit activations unless the CPU needs 7: see
+# vlmcompress/stages/quantize/int8_paths.py); timed and evaluated alike
+INT8_PATHS: dict[str, dict] = {
     "scheme: int8 (default)": q(),
-    # every int8 path `scheme: int8` chooses among, pinned (8-bit activations unless the CPU needs 7: see
-    # vlmcompress/stages/quantize/int8_paths.py)
     "torch int8 x86 engine, 7-bit activations (default before #19)": q(backend="torch", scheme="int8_dynamic",
                                                                        engine="x86", reduce_range=True),
     "torch int8 x86 engine": q(backend="torch", scheme="int8_dynamic", engine="x86"),
     "torch int8 fbgemm engine": q(backend="torch", scheme="int8_dynamic", engine="fbgemm"),
     "torch int8 onednn engine": q(backend="torch", scheme="int8_dynamic", engine="onednn"),
+}
+
+# name → quantize stage (None: the fp32 model itself)
+SPEED_VARIANTS: dict[str, dict | None] = {
+    "fp32": None,
+    **INT8_PATHS,
     "torchao int8_dynamic (eager)": q(backend="torchao", scheme="int8_dynamic", compile=False),
     "torchao int8_dynamic + compile": q(backend="torchao", scheme="int8_dynamic", compile=True),
     # the reference: ONNX Runtime's dynamic int8 of the exported tower, timed as loaded back (out/onnx)
@@ -79,12 +83,7 @@ SPEED_VARIANTS: dict[str, dict | None] = {
 
 ACCURACY_VARIANTS: dict[str, dict | None] = {
     "fp32": None,
-    "scheme: int8 (default)": q(),
-    "torch int8 x86 engine, 7-bit activations (default before #19)": q(backend="torch", scheme="int8_dynamic",
-                                                                       engine="x86", reduce_range=True),
-    "torch int8 x86 engine": q(backend="torch", scheme="int8_dynamic", engine="x86"),
-    "torch int8 fbgemm engine": q(backend="torch", scheme="int8_dynamic", engine="fbgemm"),
-    "torch int8 onednn engine": q(backend="torch", scheme="int8_dynamic", engine="onednn"),
+    **INT8_PATHS,
     "torchao int8_dynamic (eager)": q(backend="torchao", scheme="int8_dynamic", compile=False),
     "torchao int8_weight_only": q(backend="torchao", scheme="int8_weight_only"),
     "torchao int4_weight_only (g32)": q(backend="torchao", scheme="int4_weight_only", group_size=32),

@@ -32,7 +32,7 @@ from .models import load_model
 from .progress import Progress
 from .recipe import Recipe, load_recipe
 from .registry import get_method
-from .stages.base import RunContext, Stage, StageReport, count_params
+from .stages.base import RunContext, Stage, StageReport, count_params, decision_stage
 
 STAGE_META = "vlmcompress_stage.json"
 
@@ -176,7 +176,7 @@ def _apply(recipe, stages, model, out, resume, overwrite, save, progress, proces
     if save and resume:
         start, folder = _find_resume_point(work, recipe)
         # decisions of stages that still match are kept; those of stages that run again are taken again
-        ctx.decisions = {k: v for k, v in _recorded_decisions(work).items() if int(k[6:8]) <= start + 1}
+        ctx.decisions = {k: v for k, v in _recorded_decisions(work).items() if decision_stage(k) <= start + 1}
         if folder is not None:
             ctx.model = load(folder)
             ctx.compression = compression_record(ctx.model)

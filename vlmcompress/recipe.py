@@ -23,6 +23,7 @@ from .data.schema import DataSource, DataSpec
 from .errors import RecipeError, UnknownMethodError, did_you_mean
 from .registry import get_method, list_methods
 from .schema import StageConfig, StrictModel, UnknownChoiceError
+from .stages.base import decision_stage
 
 __all__ = ["DataSource", "DataSpec", "Guards", "Recipe", "load_recipe"]
 
@@ -61,7 +62,7 @@ class Recipe(StrictModel):
         what those stages decided from the machine (`decisions`, keyed `stage-NN/...`)."""
         d = self.to_dict()
         key = {k: d[k] for k in ("model", "data", "seed", "dtype")} | {"stages": d["stages"][:num_stages]}
-        taken = {k: v for k, v in (decisions or {}).items() if int(k[6:8]) <= num_stages}
+        taken = {k: v for k, v in (decisions or {}).items() if decision_stage(k) <= num_stages}
         if taken:
             key["decisions"] = taken
         # guards decide whether a run stops, never what the weights are: they stay out of the hash

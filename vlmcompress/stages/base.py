@@ -33,6 +33,16 @@ class StageReport:
         }
 
 
+def decision_key(stage_index: int, name: str) -> str:
+    """`stage-03/int8`: where a stage's machine-dependent decision is kept (`RunContext.decisions`)."""
+    return f"stage-{stage_index + 1:02d}/{name}"
+
+
+def decision_stage(key: str) -> int:
+    """The (1-based) stage number of a `decision_key`."""
+    return int(key.split("/", 1)[0].removeprefix("stage-"))
+
+
 @dataclass
 class RunContext:
     """Explicit state of one `apply` run, handed to every stage (there is no global session).

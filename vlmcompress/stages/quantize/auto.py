@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ..base import RunContext
+from ..base import RunContext, decision_key
 from . import int8_paths
 from .stage import BACKENDS, QuantizeConfig, plan_modules, register_backend
 
@@ -44,7 +44,7 @@ def decide(ctx: RunContext, config: QuantizeConfig, backend: str) -> int8_paths.
     resolved now (probing when enabled) and recorded there before any layer is quantized."""
     from ...cpu import detect
 
-    key = f"stage-{ctx.stage_index + 1:02d}/int8"
+    key = decision_key(ctx.stage_index, "int8")
     if key in ctx.decisions:
         recorded = {k: v for k, v in ctx.decisions[key].items() if k != "int8"}
         return int8_paths.Int8Decision(**recorded)
