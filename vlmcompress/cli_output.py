@@ -143,6 +143,8 @@ def quiet_third_party() -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' "Loading weights" bar (it reads huggingface_hub's switch at import); our own progress covers it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("LOGLEVEL", "ERROR")  # neural-compressor sets its logger's level from it at import
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao|transformers)\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
