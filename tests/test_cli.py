@@ -55,7 +55,7 @@ def test_apply_writes_checkpoint_and_summary(tmp_path):
             "report.json", "README.md"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "vlmcompress_clip"
+    assert config["model_type"] == "clip" and config["architectures"] == ["VlmcCLIPModel"]
     assert config["auto_map"]["AutoModel"] == "modeling_vlmcompress.VlmcCLIPModel"
     assert config["token_reduction"]["towers"][0]["tokens_per_layer"] == [57, 49]
     report = json.loads((out / "report.json").read_text())

@@ -110,7 +110,7 @@ def test_chat_template_and_image_text_to_text_pipeline_on_a_llava_output(tmp_pat
     run = subprocess.run([sys.executable, "-c", CHAT_CHILD, str(out), row["question"], str(tmp_path / "image.npy")],
                          capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
-    last = run.stdout.strip().splitlines()[-1]  # (after transformers' remote-code question, answered no by stdin)
+    last = run.stdout.strip().splitlines()[-1]
     got = json.loads(last[last.index("{"):])
     assert got["prompt"] == VQA_PROMPT.format(question=row["question"])
     assert got["answer"] == expected
@@ -156,3 +156,44 @@ def test_what_the_stock_class_gives_for_each_kind_of_output(tmp_path):
         results[name] = json.loads(run.stdout.strip().splitlines()[-1])
     assert results["reduced"]["max_diff_to_unreduced"] < 1e-5
     assert "ignore_mismatched_sizes" in results["pruned"].get("error", ""), results["pruned"]
+
+
+PROCESSOR_CHILD = """
+import sys
+sys.modules["vlmcompress"] = None
+import json
+from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+folder = sys.argv[1]
+processor, tokenizer, config = (AutoProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                                AutoConfig.from_pretrained(folder))
+plain = AutoModel.from_pretrained(folder)  # no remote code: the stock class
+print(json.dumps({"processor": type(processor).__name__, "tokenizer": type(tokenizer).__name__,
+                  "config": type(config).__name__, "model": type(plain).__name__,
+                  "ran_folder_code": any(name.startswith("transformers_modules") for name in sys.modules),
+                  "ids": tokenizer("a small red circle")["input_ids"]}))
+"""
+
+
+def test_processor_tokenizer_and_config_load_without_remote_code_and_ask_nothing(tmp_path):
+    """Issue 17, point 2: `config.json` carries the stock `model_type` (format 3), so AutoProcessor / AutoTokenizer /
+    AutoConfig resolve the stock classes without the remote-code question, in a fresh interpreter whose stdin would
+    answer it with nothing; the compressed class still loads with `trust_remote_code=True` (tests above)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    cases = {"shapes-clip-small": ("CLIPProcessor", "CLIPConfig", "CLIPModel"),
+             "shapes-llava-small": ("LlavaProcessor", "LlavaConfig", "LlavaModel")}
+    for model, (processor_cls, config_cls, plain_cls) in cases.items():
+        out = tmp_path / model
+        vlmcompress.apply({"model": model, "output": str(out),
+                           "stages": [{"method": "token_reduce", "r": 2}]}, progress=False)
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] == config_cls.removesuffix("Config").lower()
+        assert config["architectures"][0].startswith("Vlmc") and config["vlmcompress"]["format_version"] == 3
+        run = subprocess.run([sys.executable, "-c", PROCESSOR_CHILD, str(out)], capture_output=True, text=True,
+                             env=env, timeout=300, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "custom code" not in run.stdout + run.stderr
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        assert (got["processor"], got["config"], got["model"]) == (processor_cls, config_cls, plain_cls)
+        assert got["ran_folder_code"] is False
+        assert got["ids"] == vlmcompress.models.load_model(str(out))[1].tokenizer("a small red circle")["input_ids"]
+        assert type(vlmcompress.load(out)).__name__ == config["architectures"][0]

@@ -52,7 +52,7 @@ def test_a_broken_block_is_refused_with_the_key(edit, words):
 
 
 def test_newer_formats_and_bad_shape_records_are_refused():
-    with pytest.raises(SpecError, match="version 3, newer"):
+    with pytest.raises(SpecError, match=f"version {FORMAT_VERSION + 1}, newer"):
         CheckpointRecord.read({"format_version": FORMAT_VERSION + 1})
     with pytest.raises(SpecError, match="param_shapes"):
         CheckpointRecord.read({"format_version": 2, "param_shapes": {"a.weight": ["__class__"]}})
@@ -98,14 +98,15 @@ def test_a_crafted_module_attrs_fails_to_load_and_changes_no_class(tmp_path):
     assert dict(vars(modeling_clip.CLIPEncoder)) == before
 
 
-def test_a_new_checkpoint_writes_format_2_with_variants_and_loads(tmp_path):
+def test_a_new_checkpoint_writes_format_3_with_variants_and_the_stock_model_type_and_loads(tmp_path):
     out = tmp_path / "out"
     vlmcompress.apply({"model": "tiny-clip", "output": str(out),
                        "stages": [{"method": "token_reduce", "algorithm": "turbo", "r": 4},
                                   {"method": "quantize", "backend": "torch", "scheme": "int8_dynamic"}]},
                       BUILTIN_TINY["tiny-clip"].tiny_model(0), progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["vlmcompress"]["format_version"] == 2 == FORMAT_VERSION
+    assert config["vlmcompress"]["format_version"] == 3 == FORMAT_VERSION
+    assert config["model_type"] == "clip" and config["architectures"] == ["VlmcCLIPModel"]
     assert config["token_reduction"]["variant"] == 1
     assert set(QuantizationSpec.read(config["quantization"]).schemes) == {"vision", "text"}
     assert token_reduction(vlmcompress.load(out).config).options["alpha"] == 5.0

@@ -1,6 +1,7 @@
 """Compressed checkpoints: a folder that stock transformers loads with `trust_remote_code=True`.
 
-Layout: `config.json` (custom `model_type`, pruning record, `token_reduction` block, `auto_map`),
+Layout: `config.json` (the stock `model_type`, the compressed class in `architectures` and `auto_map`, the pruning
+record, `token_reduction` and `quantization` blocks),
 `model*.safetensors`, the modeling files copied flat, `recipe.yaml` (resolved), `report.json`, `README.md` (model
 card) and the source's processor files.
 """
@@ -185,6 +186,25 @@ def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | 
             shutil.copyfile(source, folder / name)
 
 
+def compressed_classes(config_dict: Any) -> tuple[type, type, tuple[str, ...]] | None:
+    """`(model class, config class, Auto classes)` of the compressed checkpoint whose `config.json` holds
+    `config_dict`, or None for anything else. Formats 1-2 name the compressed `model_type` (`vlmcompress_clip`);
+    format 3 writes the stock one (`clip`) and is recognised by its `vlmcompress` block and compressed class in
+    `architectures`."""
+    if not isinstance(config_dict, dict):
+        return None
+    model_type = config_dict.get("model_type", "")
+    architectures = config_dict.get("architectures") or []
+    for entry in model_mod.COMPRESSED_CLASSES.values():
+        model_cls, config_cls, _ = entry
+        if model_type == config_cls.model_type:
+            return entry
+        if (model_type == config_cls.stock_model_type and isinstance(config_dict.get("vlmcompress"), dict)
+                and model_cls.__name__ in architectures):
+            return entry
+    return None
+
+
 def register_classes() -> None:
     """Register the compressed config / model classes with the transformers Auto classes (no remote code)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
@@ -210,15 +230,16 @@ def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map:
     if not config_file.is_file():
         raise ModelLoadError(f"'{folder}' has no config.json; expected a folder written by `vlmcompress apply`")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type", "")
+        config_dict = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"'{config_file}' is not valid JSON ({e}); the checkpoint is corrupt") from None
-    match = [v for v in model_mod.COMPRESSED_CLASSES.values() if v[1].model_type == model_type]
-    if not match:
-        raise ModelLoadError(f"'{folder}' has model_type '{model_type}', not a vlmcompress checkpoint; "
-                             "load it with transformers directly")
+    match = compressed_classes(config_dict)
+    if match is None:
+        model_type = config_dict.get("model_type", "") if isinstance(config_dict, dict) else ""
+        raise ModelLoadError(f"'{folder}' has model_type '{model_type}' and no vlmcompress record, not a vlmcompress "
+                             "checkpoint; load it with transformers directly")
     register_classes()
-    model_cls, config_cls, _ = match[0]
+    model_cls, config_cls, _ = match
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if meta:

@@ -200,12 +200,13 @@ def limitation_lines(report: dict[str, Any], methods: list[str]) -> list[str]:
     lines = ["", "## Limitations", "",
              "- The token-reduction layers and per-layer shapes are rebuilt from `config.json` (`token_reduction`, "
              "`vlmcompress`) by the modeling files in this folder. The stock class without remote code (e.g. "
-             "`LlavaForConditionalGeneration.from_pretrained`) gives the *unreduced* model (its token reduction is "
-             "not applied), and fails on pruned shapes: load with `trust_remote_code=True` or `vlmcompress.load` "
-             "for the compressed one."]
+             "`LlavaForConditionalGeneration.from_pretrained`, or `AutoModel.from_pretrained` without "
+             "`trust_remote_code`) gives the *unreduced* model (its token reduction is not applied), and fails on "
+             "pruned shapes: load with `trust_remote_code=True` or `vlmcompress.load` for the compressed one."]
     if "quantize" in methods:
         lines.append("- Quantized layers are CPU kernels chosen for the CPU the model was quantized on (see "
-                     "Quantization); speed differs on other CPUs.")
+                     "Quantization); speed differs on other CPUs. Without `trust_remote_code` the stock class "
+                     "finds no `weight` for them and initialises them randomly (transformers lists them as missing).")
     if not report.get("accuracy"):
         lines.append("- Accuracy was not measured by `apply` (no `data.eval` in the recipe, or a family its "
                      "evaluation does not cover).")

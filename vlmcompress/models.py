@@ -118,8 +118,9 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         if not isinstance(raw, dict):
             raise ModelLoadError(f"'{config_file}' holds a JSON {type(raw).__name__}, not a config (a JSON object); "
                                  "re-save the model with save_pretrained")
-        if str(raw.get("model_type", "")).startswith("vlmcompress_"):
-            from .checkpoint import load
+        from .checkpoint import compressed_classes, load
+
+        if compressed_classes(raw) is not None:
 
             return load(name, dtype=dtype, meta=meta), _load_processor(name)
     try:

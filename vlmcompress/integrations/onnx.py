@@ -33,9 +33,15 @@ Path taken and why (transformers 5.23, torch 2.13, measured here):
   and so do linear layers on 2-D inputs (the dual encoders' projections), which the exporter writes as `Gemm`, for
   which ONNX Runtime's dynamic quantizer has no rule.
 
-Folder layout (inside the quantize stage's output folder, next to the fp32 checkpoint): `onnx/config.json` (marker
-`vlmcompress_onnx`, what every graph takes and returns, the model config, processor settings, versions),
-`onnx/*.onnx` and the processor files. `load_onnx(folder)` returns an `OnnxModel`.
+Folder layout (inside the quantize stage's output folder, next to the fp32 checkpoint), format 2:
+`onnx/config.json` is the transformers config of the exported model (stock `model_type`, the stock class in
+`architectures`, the exported shapes; `AutoConfig.from_pretrained("onnx")` reads it as Optimum's ORT models do)
+with vlmcompress's description of the graphs under `vlmcompress_onnx` (what every graph takes and returns, checks,
+int8 layout, processor settings, versions); `onnx/*.onnx`; the processor files. CLIP and SigLIP also get
+`model.onnx`, the whole model with the file, input and output names of Optimum's zero-shot-image-classification
+export (optimum-onnx 0.1.0: `input_ids`, `pixel_values`, CLIP's `attention_mask` → `logits_per_image`,
+`logits_per_text`, `text_embeds`, `image_embeds`). Format 1 folders (the description was the whole file) still
+load. `load_onnx(folder)` returns an `OnnxModel`.
 """
 
 from __future__ import annotations
@@ -63,10 +69,10 @@ from .onnx_graphs import (  # noqa: F401
     LlavaImageEncoder,
     OnnxExportError,
     TextEncoder,
-    _strip_config,
     check_exportable,
     fixed_schedule,
     graphs_for,
+    transformers_config,
 )
 from .onnx_int8 import Int8Format, initializer_types, int8_format, linear_nodes, quantize_graph, strip_metadata  # noqa: F401
 from .onnx_runtime import (  # noqa: F401
@@ -79,7 +85,9 @@ from .onnx_runtime import (  # noqa: F401
     load_onnx,
     require,
     saturation_warning,
+    read_spec,
     session,
+    write_spec,
 )
 
 OPSET = 18
@@ -124,7 +132,7 @@ def export_graph(graph: Graph, path: Path) -> dict[str, Any]:
         with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # exporter internals (axis renaming, pytree deprecations)
             torch.onnx.export(graph.module.eval(), (), str(path), kwargs=graph.example, dynamo=True,
-                              opset_version=OPSET, input_names=list(graph.example), output_names=[graph.output],
+                              opset_version=OPSET, input_names=list(graph.example), output_names=list(graph.outputs),
                               dynamic_shapes=dynamic_shapes, custom_translation_table=_sort_stable_translation(),
                               external_data=False, optimize=True, verbose=False)
     except Exception as e:
@@ -153,7 +161,7 @@ def _export_failure(name: str, error: BaseException) -> str:
 
 def _compare(graph: Graph, sess) -> dict[str, float]:
     """ORT vs torch on batches of 1 and 3 (different from the export batch of 2): max |Δ|, max |Δ| relative to the
-    largest output, and the smallest cosine similarity of an output row."""
+    largest output, and the smallest cosine similarity of an output row, over every output of the graph."""
     worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "min_cosine": 1.0}
     for batch in (1, 3):
         inputs = {}
@@ -164,25 +172,30 @@ def _compare(graph: Graph, sess) -> dict[str, float]:
             else:
                 inputs[name] = example[:1].repeat(batch, *[1] * (example.dim() - 1))
         with torch.no_grad():
-            ref = graph.module(**inputs).float()
-        out = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
-        if out.shape != ref.shape:
-            raise OnnxExportError(f"the exported {graph.name} returns shape {tuple(out.shape)} at batch {batch}; "
-                                  f"torch returns {tuple(ref.shape)}")
-        diff = (out - ref).abs().max().item()
-        cosine = nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1).min().item()
-        worst["max_abs_diff"] = max(worst["max_abs_diff"], diff)
-        worst["max_rel_diff"] = max(worst["max_rel_diff"], diff / max(ref.abs().max().item(), 1e-12))
-        worst["min_cosine"] = min(worst["min_cosine"], cosine)
+            refs = [r.float() for r in graph.run(**inputs)]
+        outs = [torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in inputs.items()})]
+        for name, out, ref in zip(graph.outputs, outs, refs):
+            if out.shape != ref.shape:
+                raise OnnxExportError(f"the exported {graph.name} returns {name} of shape {tuple(out.shape)} at "
+                                      f"batch {batch}; torch returns {tuple(ref.shape)}")
+            diff = (out - ref).abs().max().item()
+            cosine = nn.functional.cosine_similarity(out.reshape(batch, -1), ref.reshape(batch, -1), dim=-1)
+            worst["max_abs_diff"] = max(worst["max_abs_diff"], diff)
+            worst["max_rel_diff"] = max(worst["max_rel_diff"], diff / max(ref.abs().max().item(), 1e-12))
+            worst["min_cosine"] = min(worst["min_cosine"], cosine.min().item())
     return {k: float(f"{v:.6g}") for k, v in worst.items()}
 
 
+def _quantized_component(component: str, scheme: str, components: list[str] | None,
+                         overrides: dict[str, str]) -> bool:
+    return (components is None or component in components) and overrides.get(component, scheme) not in ("none",
+                                                                                                         "fp32")
+
+
 def _graph_scheme(graph: Graph, scheme: str, components: list[str] | None, overrides: dict[str, str]) -> str:
-    own = graph.components[0]
-    if components is not None and own not in components:
-        return "fp32"
-    chosen = overrides.get(own, scheme)
-    return "fp32" if chosen in ("none", "fp32") else chosen
+    """int8 when any component of the graph is quantized (the whole model graph holds two), else fp32."""
+    chosen = [c for c in graph.components if _quantized_component(c, scheme, components, overrides)]
+    return "fp32" if not chosen else overrides.get(chosen[0], scheme)
 
 
 def _quantized_modules(graph: Graph, nodes: dict[str, str], scheme: str, components: list[str] | None,
@@ -194,10 +207,8 @@ def _quantized_modules(graph: Graph, nodes: dict[str, str], scheme: str, compone
     for node, module in nodes.items():
         component = next((c for c in graph.components if module.startswith(paths.get(c, "\0") + ".")),
                          graph.components[0])  # projections outside every component belong to the graph's own
-        if component != graph.components[0]:
-            if (components is not None and component not in components) or \
-                    overrides.get(component, scheme) in ("none", "fp32"):
-                continue
+        if not _quantized_component(component, scheme, components, overrides):
+            continue
         parts = module.split(".")
         names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
         if any(matches(s, n) for s in ignore for n in names):
@@ -286,13 +297,14 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
                                       "shape": [graph.dynamic[name].get(i, n) for i, n in enumerate(x.shape)]}
                                for name, x in graph.example.items()}
             with torch.no_grad():
-                out_shape = list(graph.module(**graph.example).shape)
-            entry["gflops_per_sample"] = gflops[graph.workload]
-            entry["outputs"] = {graph.output: {"dtype": "float32", "shape": ["batch", *out_shape[1:]]}}
+                shapes = [list(out.shape) for out in graph.run(**graph.example)]
+            entry["gflops_per_sample"] = gflops.get(graph.workload)
+            entry["outputs"] = {name: {"dtype": "float32", "shape": [*axes, *shape[len(axes):]]}
+                                for (name, axes), shape in zip(graph.outputs.items(), shapes)}
             if graph.vision:
                 entry["tokens_per_layer"] = tokens
             described[graph.name] = entry
-    config = {
+    spec = {
         MARKER: FORMAT_VERSION,
         "family": adapter.family,
         "scheme": scheme,
@@ -308,14 +320,14 @@ def export(model: nn.Module, adapter, folder: str | Path, *, scheme: str = "int8
         # VNNI, so loading checks this record against the CPU it runs on
         "int8_format": {**layout.to_dict(), "chosen_for": cpu.to_dict()} if scheme == "int8_dynamic" else None,
         "processor": _processor_settings(processor, model),
-        "model_config": _strip_config(model),
+        "model_config": transformers_config(model),
         "versions": _versions(),
     }
     if processor is not None:
         processor.save_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "README.md").write_text(_readme(config))
-    return ExportResult(folder, config, sorted(set(quantized)))
+    (folder / "config.json").write_text(json.dumps(write_spec(spec), indent=2) + "\n")
+    (folder / "README.md").write_text(_readme(spec))
+    return ExportResult(folder, spec, sorted(set(quantized)))
 
 
 def _processor_settings(processor: Any, model: nn.Module) -> dict[str, Any]:
@@ -336,7 +348,9 @@ def _processor_settings(processor: Any, model: nn.Module) -> dict[str, Any]:
 
 def _readme(config: dict[str, Any]) -> str:
     lines = ["# ONNX export (vlmcompress)", "",
-             f"Family `{config['family']}`, scheme `{config['scheme']}`. Graphs (dynamic batch):", ""]
+             f"Family `{config['family']}`, scheme `{config['scheme']}`. `config.json` is the transformers config of "
+             "the exported model (`AutoConfig.from_pretrained` reads it); its `vlmcompress_onnx` entry describes the "
+             "graphs. Graphs (dynamic batch):", ""]
     for name, g in config["graphs"].items():
         ins = ", ".join(f"{k} {v['dtype']} {v['shape']}" for k, v in g["inputs"].items())
         outs = ", ".join(f"{k} {v['dtype']} {v['shape']}" for k, v in g["outputs"].items())
@@ -347,4 +361,9 @@ def _readme(config: dict[str, Any]) -> str:
               "", "or with onnxruntime directly:", "", "    import onnxruntime as ort",
               "    sess = ort.InferenceSession('image_encoder.onnx', providers=['CPUExecutionProvider'])",
               "    embeds = sess.run(None, {'pixel_values': pixel_values})[0]", ""]
+    if "model" in config["graphs"]:
+        lines += ["`model.onnx` has the file, input and output names of Optimum's zero-shot-image-classification "
+                  "export (optimum-onnx 0.1.0), which `ORTModelForZeroShotImageClassification.from_pretrained(<this "
+                  "folder>)` loads; optimum-onnx 0.1.0 requires transformers < 4.58, so that client is not tested "
+                  "here.", ""]
     return "\n".join(lines)

@@ -48,6 +48,23 @@ class TextEncoder(nn.Module):
         return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
+class DualEncoder(nn.Module):
+    """The whole dual encoder, as Optimum exports it for zero-shot image classification (optimum-onnx 0.1.0,
+    `CLIPOnnxConfig` / `SiglipOnnxConfig` in `optimum/exporters/onnx/model_configs.py`): pixels `[I, 3, H, W]` and
+    token ids `[T, L]` (and, for CLIP, their mask) → `logits_per_image [I, T]`, `logits_per_text [T, I]`,
+    `text_embeds [T, D]`, `image_embeds [I, D]`, the model's forward (embeddings L2-normalised). `model.onnx` with
+    these names is what Optimum's `ORTModelForZeroShotImageClassification` runs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+        return out.logits_per_image, out.logits_per_text, out.text_embeds, out.image_embeds
+
+
 class LlavaImageEncoder(nn.Module):
     """LLaVA's image path up to the language model: `[B, 3, H, W]` → `[B, T, D_llm]` projected image features
     (vision tower at `config.vision_feature_layer`, CLS dropped with the "default" strategy, projector)."""
@@ -75,17 +92,33 @@ class Graph:
     module: nn.Module
     example: dict[str, torch.Tensor]  # example inputs, batch 2
     dynamic: dict[str, dict[int, str]]  # input name → {axis: dimension name}
-    output: str  # name of the single output
+    output: str | dict[str, tuple[str, ...]]  # one output (leading axis "batch"), or each output's leading axes
     components: tuple[str, ...]  # adapter components inside the graph (the first is the graph's own)
-    workload: str  # the `vlmcompress bench` workload this graph runs
+    workload: str | None  # the `vlmcompress bench` workload this graph runs (None: exported for other clients)
     description: str
     vision: bool = False  # holds the vision tower (token reduction, tokens per layer)
 
+    @property
+    def outputs(self) -> dict[str, tuple[str, ...]]:
+        """Output name → the names of its leading dynamic axes, in the module's return order."""
+        return {self.output: ("batch",)} if isinstance(self.output, str) else dict(self.output)
 
-def _strip_config(model: nn.Module) -> dict[str, Any]:
+    def run(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The module's outputs as a tuple, whatever it returns."""
+        out = self.module(**inputs)
+        return out if isinstance(out, tuple) else (out,)
+
+
+def transformers_config(model: nn.Module) -> dict[str, Any]:
+    """The config the exported graphs belong to, as stock transformers (and Optimum) read it: the stock
+    `model_type` and class in `architectures`, the exported shapes, no `auto_map` (no modeling code lies beside
+    the graphs)."""
+    from ..modeling.modeling_vlmcompress import COMPRESSED_CLASSES
+
     data = model.config.to_dict()
-    for key in ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path"):
+    for key in ("auto_map", "_name_or_path"):
         data.pop(key, None)
+    data["architectures"] = [next(c.__name__ for c in type(model).__mro__ if c.__name__ in COMPRESSED_CLASSES)]
     return data
 
 
@@ -111,12 +144,23 @@ def graphs_for(model: nn.Module, adapter) -> list[Graph]:
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0  # a padded row, so the mask is not constant-folded away
     sequence = {0: "batch", 1: "sequence"}
+    # Optimum's whole-model graph: image and text batches are separate axes (3 texts against 2 images here)
+    texts = {0: "text_batch", 1: "sequence"}
+    whole = {"input_ids": torch.cat([ids, ids[:1]]), "pixel_values": pixels}
+    if family == "clip":  # Optimum's SigLIP graph takes no mask (SigLIP pads to a fixed length)
+        whole["attention_mask"] = torch.cat([mask, mask[:1]])
+    whole_axes = {"input_ids": texts, "pixel_values": {0: "image_batch"}, "attention_mask": texts}
     return [Graph("image_encoder", ImageEncoder(model), {"pixel_values": pixels}, {"pixel_values": batch},
                   "image_embeds", ("vision",), "image", "get_image_features: vision tower + projection "
                   "(not L2-normalised)", vision=True),
             Graph("text_encoder", TextEncoder(model), {"input_ids": ids, "attention_mask": mask},
                   {"input_ids": sequence, "attention_mask": sequence}, "text_embeds", ("text",), "text",
-                  "get_text_features: text tower + projection (not L2-normalised)")]
+                  "get_text_features: text tower + projection (not L2-normalised)"),
+            Graph("model", DualEncoder(model), whole, {k: whole_axes[k] for k in whole},
+                  {"logits_per_image": ("image_batch", "text_batch"), "logits_per_text": ("text_batch", "image_batch"),
+                   "text_embeds": ("text_batch",), "image_embeds": ("image_batch",)}, ("vision", "text"), None,
+                  "the whole model as Optimum's zero-shot-image-classification export (optimum-onnx 0.1.0): "
+                  "similarity logits and L2-normalised embeddings", vision=True)]
 
 
 def fixed_schedule(algorithm: str | None) -> bool:

@@ -17,7 +17,10 @@ from . import optional_import
 
 ONNX_DIR = "onnx"
 MARKER = "vlmcompress_onnx"
-FORMAT_VERSION = 1
+# 1: `config.json` is vlmcompress's description with the model config under `model_config`;
+# 2: `config.json` is the transformers config of the exported model (stock `model_type`, as Optimum's ORT models
+#    read it) with vlmcompress's description under `vlmcompress_onnx`; adds Optimum's whole-model `model.onnx`
+FORMAT_VERSION = 2
 
 
 def require() -> None:
@@ -66,6 +69,23 @@ def is_onnx_folder(folder: str | Path) -> bool:
         return False
 
 
+def write_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """`config.json` of an export (format 2): the model's transformers config, the description inside it."""
+    block = {k: v for k, v in spec.items() if k not in (MARKER, "model_config")}
+    return {**spec["model_config"], MARKER: {"format_version": spec[MARKER], **block}}
+
+
+def read_spec(raw: dict[str, Any]) -> dict[str, Any]:
+    """The description of an export, from its `config.json` of either format, as one dict: the format version
+    under `MARKER`, the model config under `model_config`, the rest as written."""
+    block = raw.get(MARKER)
+    if not isinstance(block, dict):  # format 1: the description is the file
+        return raw
+    spec = {k: v for k, v in block.items() if k != "format_version"}
+    return {MARKER: block.get("format_version", FORMAT_VERSION), **spec,
+            "model_config": {k: v for k, v in raw.items() if k != MARKER}}
+
+
 CONFIG_CLASSES = {"clip": "CLIPConfig", "siglip": "SiglipConfig", "llava": "LlavaConfig"}
 
 
@@ -88,7 +108,9 @@ class OnnxModel(nn.Module):
         self.vlmc_family = spec["family"]
         self.config = getattr(transformers, CONFIG_CLASSES[spec["family"]]).from_dict(spec["model_config"])
         self.threads = threads or torch.get_num_threads()
-        self.sessions = {name: session(folder / g["file"], self.threads) for name, g in spec["graphs"].items()}
+        # the graphs vlmcompress's evaluation and timing call (not Optimum's whole-model graph, which repeats them)
+        self.graphs = {name: g for name, g in spec["graphs"].items() if g.get("workload", name) is not None}
+        self.sessions = {name: session(folder / g["file"], self.threads) for name, g in self.graphs.items()}
 
     dtype = torch.float32
     device = torch.device("cpu")
@@ -118,11 +140,11 @@ class OnnxModel(nn.Module):
 
     def bench_static(self) -> dict[str, Any]:
         """What `vlmcompress bench` reports once per model: sizes, parameters, tokens and GFLOPs per workload."""
-        graphs = self.spec["graphs"].values()
+        graphs = self.graphs.values()
         files = [self.folder / g["file"] for g in graphs]
         tokens = next((g.get("tokens_per_layer") for g in graphs if g.get("tokens_per_layer")), None)
         schemes = sorted({g["scheme"] for g in graphs})
-        return {"class": f"OnnxModel ({', '.join(self.spec['graphs'])})",
+        return {"class": f"OnnxModel ({', '.join(self.graphs)})",
                 "dtype": "+".join(schemes),
                 "parameters": sum(sum(g["initializers"].values()) for g in graphs),
                 "size_on_disk_bytes": sum(f.stat().st_size for f in files),
@@ -138,7 +160,7 @@ def load_onnx(folder: str | Path, threads: int | None = None) -> OnnxModel:
     folder = Path(folder)
     if not is_onnx_folder(folder):
         raise ModelLoadError(f"'{folder}' is not a vlmcompress ONNX folder (no config.json with '{MARKER}')")
-    spec = json.loads((folder / "config.json").read_text())
+    spec = read_spec(json.loads((folder / "config.json").read_text()))
     if spec[MARKER] > FORMAT_VERSION:
         raise ModelLoadError(f"'{folder}' was written by a newer vlmcompress (ONNX format {spec[MARKER]}, this "
                              f"version reads {FORMAT_VERSION}); upgrade: pip install -U vlmcompress")

@@ -23,21 +23,47 @@ from .algorithms import NAMES as ALGORITHMS  # noqa: F401
 from .spec import FORMAT_VERSION  # noqa: F401  (the checkpoint format this code writes; see spec.py)
 
 
-class VlmcCLIPConfig(CLIPConfig):
+class _StockModelTypeOnDisk:
+    """A compressed config is its own `model_type` in memory (vlmcompress registers it with AutoConfig) and the
+    stock family's `model_type` in `config.json` (format 3): clients that read only the config to find a stock
+    class (AutoTokenizer, AutoProcessor, a pipeline's processor, AutoConfig without remote code) then resolve it
+    locally and never ask to run code; `auto_map` still sends `trust_remote_code=True` loads to this class."""
+
+    stock_model_type = ""
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["model_type"] = self.stock_model_type
+        return output
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == cls.stock_model_type:  # format 3 on disk; formats 1-2 wrote our own
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+
+class VlmcCLIPConfig(_StockModelTypeOnDisk, CLIPConfig):
     model_type = "vlmcompress_clip"
+    stock_model_type = CLIPConfig.model_type
 
 
-class VlmcSiglipConfig(SiglipConfig):
+class VlmcSiglipConfig(_StockModelTypeOnDisk, SiglipConfig):
     model_type = "vlmcompress_siglip"
+    stock_model_type = SiglipConfig.model_type
 
 
-class VlmcBlipConfig(BlipConfig):
+class VlmcBlipConfig(_StockModelTypeOnDisk, BlipConfig):
     model_type = "vlmcompress_blip"
+    stock_model_type = BlipConfig.model_type
 
 
-class VlmcBlip2Config(Blip2Config):
+class VlmcBlip2Config(_StockModelTypeOnDisk, Blip2Config):
     model_type = "vlmcompress_blip2"
+    stock_model_type = Blip2Config.model_type
 
 
-class VlmcLlavaConfig(LlavaConfig):
+class VlmcLlavaConfig(_StockModelTypeOnDisk, LlavaConfig):
     model_type = "vlmcompress_llava"
+    stock_model_type = LlavaConfig.model_type

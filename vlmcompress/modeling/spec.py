@@ -15,7 +15,10 @@ Versions: `FORMAT_VERSION` 2 adds `variant` to the token-reduction block: the ve
 that produced the checkpoint. A fix that changes what an algorithm computes (the fidelity work) raises that
 algorithm's variant and keeps the old computation reachable, so that a checkpoint written before the fix computes
 what it computed then. A version 1 checkpoint has no `variant` and reads as variant 1 of every algorithm. Blocks are
-otherwise unchanged from version 1, so version 1 checkpoints load as they are.
+otherwise unchanged from version 1, so version 1 checkpoints load as they are. `FORMAT_VERSION` 3 writes the stock
+family's `model_type` into `config.json` (`clip`, `llava`, ...; versions 1-2 wrote `vlmcompress_clip`, ...) so that
+stock clients resolve the processor and tokenizer without remote code; a compressed checkpoint is recognised by its
+`vlmcompress` block and its `architectures`. The blocks are unchanged.
 
 Pure Python on purpose (no torch): the stages import it to validate recipes, and it travels with every checkpoint.
 """
@@ -26,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # the `quantization` block has its own version (unchanged by format 2)
 QUANTIZATION_FORMAT = 1
 # the variant a block without one was written with: everything before `variant` existed

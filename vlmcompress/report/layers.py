@@ -92,11 +92,11 @@ def unpruned_sizes(folder) -> dict[str, dict[str, list[int]]]:
     import torch
     import transformers
 
-    from ..checkpoint import register_classes
+    from ..checkpoint import compressed_classes, register_classes
     from ..modeling.modeling_vlmcompress import COMPRESSED_CLASSES
 
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    stock, (_, config_cls, _) = next((k, v) for k, v in COMPRESSED_CLASSES.items() if v[1].model_type == model_type)
+    entry = compressed_classes(json.loads((folder / "config.json").read_text()))
+    stock, (_, config_cls, _) = next((k, v) for k, v in COMPRESSED_CLASSES.items() if v == entry)
     register_classes()
     config = config_cls.from_pretrained(folder)
     with torch.device("meta"):

@@ -16,8 +16,8 @@ from .stage import QuantizeConfig, register_backend, resolve_scheme
 
 # the graphs each family exports and the components each holds
 GRAPHS = {"llava": {"image_encoder": ("vision", "projector")},
-          "clip": {"image_encoder": ("vision",), "text_encoder": ("text",)},
-          "siglip": {"image_encoder": ("vision",), "text_encoder": ("text",)}}
+          "clip": {"image_encoder": ("vision",), "text_encoder": ("text",), "model": ("vision", "text")},
+          "siglip": {"image_encoder": ("vision",), "text_encoder": ("text",), "model": ("vision", "text")}}
 
 
 @register_backend
