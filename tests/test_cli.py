@@ -235,25 +235,38 @@ def test_killed_run_leaves_no_output(tmp_path):
     assert (tmp_path / "out" / "config.json").is_file() and not work.exists()
 
 
-def test_the_cli_prints_no_third_party_import_noise(tmp_path):
-    """torchao's CUDA-kernel notes, torch's _pytree deprecations and transformers' torchvision fallbacks are not the
-    user's business (issue 17, point 7); VLMCOMPRESS_DEBUG=1 lets them through."""
+@pytest.mark.parametrize("backend", ["torchao", "onnxruntime"])
+def test_the_cli_prints_no_third_party_import_noise(tmp_path, backend):
+    """torchao's CUDA-kernel notes, torch's _pytree deprecations, transformers' torchvision fallbacks and loading
+    bars, the ONNX exporter's torchvision notes are not the user's business (issue 17, point 7); VLMCOMPRESS_DEBUG=1
+    lets them through."""
     import os
     import subprocess
     import sys
 
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxscript")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: shapes-clip-small\noutput: {tmp_path / 'out'}\nstages:\n  - method: quantize\n"
-                      "    backend: torchao\n")
+                      f"    backend: {backend}\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("VLMCOMPRESS_DEBUG", None)
-    run = subprocess.run([sys.executable, "-m", "vlmcompress", "apply", str(recipe)], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
-    assert lines[0].startswith("wrote ") and lines[-1].strip().startswith("load it:"), lines
-    for noise in ("Failed to load", "_pytree", "torchvision", "Warning"):
-        assert not any(noise in line for line in lines), (noise, lines)
+    commands = {"apply": ["apply", str(recipe)],
+                "report": ["report", str(tmp_path / "out"), "--base", "shapes-clip-small", "--images", "1", "--out",
+                           str(tmp_path / "report")]}
+    for name, args in commands.items():
+        if name == "report" and backend != "torchao":
+            continue
+        run = subprocess.run([sys.executable, "-m", "vlmcompress", *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+        if name == "apply":
+            assert lines[0].startswith("wrote ") and lines[-1].strip().startswith("load it:"), lines
+        else:
+            assert len(lines) == 1 and lines[0].startswith(f"wrote {tmp_path / 'report' / 'index.html'} "), lines
+        for noise in ("Failed to load", "_pytree", "torchvision", "Warning", "Loading weights"):
+            assert not any(noise in line for line in lines), (noise, lines)
 
 
 def test_list_methods_names_every_choice_with_its_summary():

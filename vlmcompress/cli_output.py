@@ -129,7 +129,7 @@ def speed_line(speed: dict) -> str:
 # libraries that log their own import-time notes (torchao's optional CUDA kernels, torch's _pytree deprecations,
 # transformers' torchvision fallbacks, neural-compressor's accelerator detection): not the user's business on the
 # command line
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "transformers", "neural_compressor")
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.onnx", "transformers", "neural_compressor")
 
 
 def quiet_third_party() -> None:
@@ -143,6 +143,9 @@ def quiet_third_party() -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # torch's own logging re-sets its registered loggers (torch.onnx: the exporter's "torchvision is not installed"
+    # lines) when it initialises, over a level set here; "-onnx" asks it for errors only
+    os.environ.setdefault("TORCH_LOGS", "-onnx")
     # transformers' "Loading weights" bar (it reads huggingface_hub's switch at import); our own progress covers it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("LOGLEVEL", "ERROR")  # neural-compressor sets its logger's level from it at import
