@@ -279,6 +279,8 @@ def write(tmp_path, finetune: str, data: str = "  train: {builtin: shapes, split
     ("train: {steps: 5}\n", {"before": "  - method: quantize\n    backend: torch\n"},
      ["quantize", "must be the last stage", "finetune"]),
     ("train: {steps: 5}\nloss: {logits: 1.0}\n", {}, ["teacher: original"]),
+    ("train: {epochs: 2}\n", {}, ["stages[0] (finetune).train.epochs is 2.0", "data.train has no size",
+                                   "train.steps"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, finetune, kw, fragments):
     recipe = write(tmp_path, finetune, **kw)

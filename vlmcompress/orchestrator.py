@@ -55,6 +55,11 @@ def build_stages(recipe: Recipe) -> list[Stage]:
                 "data.train; add e.g. data: {train: {builtin: shapes, split: train, size: 256}}"
             )
         train = getattr(stage.config, "train", None)
+        if getattr(train, "epochs", None) is not None and recipe.data is not None and recipe.data.train is not None \
+                and recipe.data.train.size is None:
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}).train.epochs is {train.epochs}, but data.train has no size (the "
+                "samples in an epoch); give data.train.size, or train.steps instead of epochs")
         if getattr(train, "gradient_checkpointing", False) and any(s.reduces_tokens for s in stages[:i]):
             raise StageOrderError(
                 f"stages[{i}] ({stage.config.method}).train.gradient_checkpointing: token reduction runs before it, "

@@ -1,7 +1,7 @@
 """The `structured_prune` stage and the base of every importance's config: remove attention heads and MLP neurons for
 real (smaller tensors). An importance is one file of this package holding a `StructuredPruneConfig` subclass (its
 `importance: Literal`, its per-element score, whether it reads data and what it computes first), registered by
-`register_importance`; this file names none. With `magnitude` (the default), importance is the L2 magnitude of each
+`register_importance`; this file names none. With `magnitude` (the default), importance is the squared L2 norm of each
 head's (or neuron's) weights across every projection it is coupled to, normalised by the mean of its layer so that
 one global ranking per component can remove more from the layers that matter less (non-uniform per-layer widths). At
 least one head and one neuron stay in every layer. The residual width never changes, so projection dimensions of
