@@ -285,6 +285,23 @@ def test_custom_column_names(builtin, tmp_path):
     assert load_source({"path": str(folder), "text_column": "caption"})["text"] == builtin["text"]
 
 
+def test_vqa_columns_of_a_dataset_without_captions(builtin, tmp_path):
+    """A VQA dataset (VQAv2-style `query` / `label` columns, no captions): question_column / answer_column become
+    `question` / `answer`, which LLaVA's exact-match accuracy reads; a missing or non-string one is one line."""
+    vqa = builtin.remove_columns(["text", "question", "answer"]).add_column("query", builtin["question"])
+    vqa = vqa.add_column("label", builtin["answer"]).add_column("score", list(range(len(builtin))))
+    vqa.save_to_disk(str(tmp_path / "vqa"))
+    loaded = load_source({"path": str(tmp_path / "vqa"), "question_column": "query", "answer_column": "label"})
+    assert loaded["question"] == builtin["question"] and loaded["answer"] == builtin["answer"]
+    assert "text" not in loaded.column_names and not {"query", "label"} & set(loaded.column_names)
+    message = data_error({"path": str(tmp_path / "vqa"), "question_column": "prompt", "answer_column": "label"})
+    assert "no column 'prompt'" in message and "question_column" in message and "query" in message
+    message = data_error({"path": str(tmp_path / "vqa"), "question_column": "query", "answer_column": "score"})
+    assert "'score' holds int64 values, not strings" in message and "answer_column" in message
+    # a caption dataset still needs its text column
+    assert "no column 'text'" in data_error({"path": str(tmp_path / "vqa")})
+
+
 def test_load_rows_for_a_folder_gives_rgb_images_and_honours_size(builtin, tmp_path):
     from vlmcompress.recipe import DataSource
 

@@ -62,7 +62,8 @@ def not_measured(family: str, rows: list[dict] | None, processor: Any) -> str | 
         if rows and "question" in rows[0] and "answer" in rows[0]:
             return None
         return ("accuracy not measured: LLaVA is measured by exact-match VQA, and data.eval has no question / answer "
-                "columns (the built-in world has: data.eval: {builtin: shapes, split: test})")
+                "columns (name them with question_column / answer_column, or use data.eval: {builtin: shapes, split: "
+                "test})")
     return (f"accuracy not measured: apply measures retrieval (CLIP, SigLIP) and VQA (LLaVA), not yet {family}; "
             "use vlmcompress eval")
 

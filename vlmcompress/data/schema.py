@@ -21,6 +21,10 @@ class DataSource(StrictModel):
                                                                      "most 10,000,000)")
     image_column: str = "image"
     text_column: str = "text"
+    question_column: str | None = Field(None, description="VQA data (LLaVA, BLIP-2 eval): the column of questions, "
+                                                         "renamed to `question`")
+    answer_column: str | None = Field(None, description="VQA data: the column of short answers, renamed to "
+                                                       "`answer`")
 
     @model_validator(mode="after")
     def _builtin_split(self):

@@ -238,19 +238,29 @@ def _standard_columns(dataset, source, where: str):
     from datasets import Image, Value
 
     columns = list(dataset.column_names)
-    for key, name in (("image_column", source.image_column), ("text_column", source.text_column)):
-        if name not in columns:
+    # a VQA dataset (question / answer columns given) may have no captions: its default text column may be absent
+    vqa = source.question_column is not None or source.answer_column is not None
+    text_column = None if vqa and source.text_column == "text" and "text" not in columns else source.text_column
+    wanted = {"image_column": source.image_column, "text_column": text_column,
+              "question_column": source.question_column, "answer_column": source.answer_column}
+    for key, name in wanted.items():
+        if name is not None and name not in columns:
             raise DataError(_missing_column(name, key, columns, where))
-    image_feature, text_feature = dataset.features[source.image_column], dataset.features[source.text_column]
+    image_feature = dataset.features[source.image_column]
     if not isinstance(image_feature, Image):
         raise DataError(f"{where}: column '{source.image_column}' holds {_feature_name(image_feature)} values, not "
                         "images; set the recipe key image_column to a column of images "
                         f"(columns: {', '.join(columns)})")
-    if not (isinstance(text_feature, Value) and text_feature.dtype in ("string", "large_string")):
-        raise DataError(f"{where}: column '{source.text_column}' holds {_feature_name(text_feature)} values, not "
-                        "strings; set the recipe key text_column to a column with one caption per row "
-                        f"(columns: {', '.join(columns)})")
-    for name, target in ((source.image_column, "image"), (source.text_column, "text")):
+    for key in ("text_column", "question_column", "answer_column"):
+        name = wanted[key]
+        feature = None if name is None else dataset.features[name]
+        if feature is not None and not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            what = "one caption" if key == "text_column" else f"one {key.split('_')[0]}"
+            raise DataError(f"{where}: column '{name}' holds {_feature_name(feature)} values, not strings; set the "
+                            f"recipe key {key} to a column with {what} per row (columns: {', '.join(columns)})")
+    renames = ((source.image_column, "image"), (text_column, "text"), (source.question_column, "question"),
+               (source.answer_column, "answer"))
+    for name, target in ((n, t) for n, t in renames if n is not None):
         if name != target:
             if target in dataset.column_names:  # another column has the standard name: the configured one wins
                 dataset = dataset.remove_columns(target)
