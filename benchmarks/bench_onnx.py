@@ -33,6 +33,7 @@ import vlmcompress
 from vlmcompress.adapters import adapter_for
 from vlmcompress.bench import EXPORT_WORKLOADS, _calls_per_measurement, machine_info, peak_memory_mb
 from vlmcompress.models import load_model
+from vlmcompress.integrations import onnx as vx
 from common import vit_b16_clip, write_json
 
 TOME = {"method": "token_reduce", "algorithm": "tome", "r": 16}
@@ -76,7 +77,8 @@ def build_variants(root: Path) -> tuple[dict, dict]:
              "onnxruntime int8 + ToMe r16": {"image_encoder_onnx_bytes": image(tome_dir), "export_seconds": tome_s}}
     for name, folder in (("onnxruntime fp32", fp32_dir), ("onnxruntime int8", int8_dir),
                          ("onnxruntime int8 + ToMe r16", tome_dir)):
-        graph = json.loads((folder / "onnx" / "config.json").read_text())["graphs"]["image_encoder"]
+        spec = vx.read_spec(json.loads((folder / "onnx" / "config.json").read_text()))
+        graph = spec["graphs"]["image_encoder"]
         facts[name] |= {"check_vs_torch": graph.get("check") or graph["check_fp32"],
                         "quantized_modules": len(graph.get("quantized_modules", [])),
                         "tokens_per_layer": graph["tokens_per_layer"]}

@@ -101,7 +101,8 @@ ACCURACY_VARIANTS: dict[str, dict | None] = {
 
 def disk_mb(folder: Path) -> float:
     """The weights a user deploys: the ONNX graphs when the folder has them, else the safetensors."""
-    files = list((folder / "onnx").glob("*.onnx*")) if (folder / "onnx").is_dir() else folder.glob("*.safetensors")
+    # the encoder graphs, not Optimum's whole-model model.onnx, which repeats them
+    files = list((folder / "onnx").glob("*_encoder.onnx*")) if (folder / "onnx").is_dir() else folder.glob("*.safetensors")
     return round(sum(f.stat().st_size for f in files) / 2**20, 2)
 
 
