@@ -70,10 +70,10 @@ def modeling_files(algorithm: str | None) -> dict[str, str]:
 
 
 def stock_class_name(model: nn.Module) -> str:
-    for cls in type(model).__mro__:
-        if cls.__name__ in model_mod.COMPRESSED_CLASSES:
-            return cls.__name__
-    raise ModelLoadError(f"no compressed class for {type(model).__name__}")
+    name = model_mod.stock_class_name(model)
+    if name is None:
+        raise ModelLoadError(f"no compressed class for {type(model).__name__}")
+    return name
 
 
 def per_layer_summary(adapter, model: nn.Module) -> dict[str, dict[str, list[int]]]:

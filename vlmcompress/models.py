@@ -121,7 +121,6 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         from .checkpoint import compressed_classes, load
 
         if compressed_classes(raw) is not None:
-
             return load(name, dtype=dtype, meta=meta), _load_processor(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -113,12 +113,12 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
     """The config the exported graphs belong to, as stock transformers (and Optimum) read it: the stock
     `model_type` and class in `architectures`, the exported shapes, no `auto_map` (no modeling code lies beside
     the graphs)."""
-    from ..modeling.modeling_vlmcompress import COMPRESSED_CLASSES
+    from ..modeling.modeling_vlmcompress import stock_class_name
 
     data = model.config.to_dict()
     for key in ("auto_map", "_name_or_path"):
         data.pop(key, None)
-    data["architectures"] = [next(c.__name__ for c in type(model).__mro__ if c.__name__ in COMPRESSED_CLASSES)]
+    data["architectures"] = [stock_class_name(model)]
     return data
 
 

@@ -215,3 +215,9 @@ COMPRESSED_CLASSES = {
     "LlavaForConditionalGeneration": (VlmcLlavaForConditionalGeneration, VlmcLlavaConfig,
                                       ("AutoModel", "AutoModelForImageTextToText")),
 }
+
+
+def stock_class_name(model: torch.nn.Module) -> str | None:
+    """The key of `COMPRESSED_CLASSES` that `model` is (stock or compressed: the compressed classes subclass the
+    stock ones), or None for another architecture."""
+    return next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in COMPRESSED_CLASSES), None)
