@@ -329,11 +329,13 @@ def compare_speed(before: nn.Module, after: nn.Module, adapter: ModelAdapter, ba
     for name, model in (("before", before), ("after", after)):
         fn = workload.build(model, adapter, batch_size, device)
         cells[name] = (fn, calls_per_measurement(fn, device))
-    times = interleaved_ms(cells, rounds)
+    # every figure below is derived from the recorded (rounded) times, so that report.json is self-consistent: a
+    # reader recomputing the range or the spread from ms_before / ms_after gets the recorded values
+    times = {name: [round(t, 3) for t in ms] for name, ms in interleaved_ms(cells, rounds).items()}
     spread = max(max(t) / min(t) for t in times.values())
     per_round = [b / a for b, a in zip(times["before"], times["after"])]
     return {"workload": workload.key, "batch_size": batch_size, "rounds": rounds, "threads": torch.get_num_threads(),
-            "ms_before": [round(t, 3) for t in times["before"]], "ms_after": [round(t, 3) for t in times["after"]],
+            "ms_before": times["before"], "ms_after": times["after"],
             "ms_median_before": round(statistics.median(times["before"]), 3),
             "ms_median_after": round(statistics.median(times["after"]), 3),
             "speedup": round(statistics.median(times["before"]) / statistics.median(times["after"]), 3),
