@@ -112,6 +112,21 @@ def test_a_new_checkpoint_writes_format_3_with_variants_and_the_stock_model_type
     assert token_reduction(vlmcompress.load(out).config).options["alpha"] == 5.0
 
 
+def test_a_compressed_config_round_trips_through_its_stock_model_type_on_disk(tmp_path):
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "tiny-clip", "output": str(out), "stages": [{"method": "token_reduce", "r": 4}]},
+                      BUILTIN_TINY["tiny-clip"].tiny_model(0), progress=False)
+    config = vlmcompress.load(out).config
+    assert config.model_type == "vlmcompress_clip" and config.to_dict()["model_type"] == "clip"
+    cls = type(config)
+    config.to_json_file(tmp_path / "again.json")
+    for copy in (cls.from_dict(config.to_dict()), cls.from_json_file(tmp_path / "again.json")):
+        # the stock type read back must not shadow the class's own on the instance
+        assert copy.model_type == "vlmcompress_clip", copy.model_type
+        assert {**copy.to_dict(), "_name_or_path": ""} == {**config.to_dict(), "_name_or_path": ""}
+        assert token_reduction(copy).towers[0].r == token_reduction(config).towers[0].r
+
+
 def test_a_hand_edited_config_fails_in_one_line(tmp_path):
     out = tmp_path / "out"
     vlmcompress.apply({"model": "tiny-clip", "output": str(out), "stages": [{"method": "token_reduce", "r": 4}]},

@@ -37,11 +37,25 @@ class _StockModelTypeOnDisk:
         return output
 
     @classmethod
+    def _own_model_type(cls, config_dict: dict) -> dict:
+        if config_dict.get("model_type") == cls.stock_model_type:  # format 3 on disk; formats 1-2 wrote our own
+            return {**config_dict, "model_type": cls.model_type}
+        return config_dict
+
+    @classmethod
     def get_config_dict(cls, *args, **kwargs):
         config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        if config_dict.get("model_type") == cls.stock_model_type:  # format 3 on disk; formats 1-2 wrote our own
-            config_dict = {**config_dict, "model_type": cls.model_type}
-        return config_dict, kwargs
+        return cls._own_model_type(config_dict), kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `to_dict()` output fed back (copy.deepcopy of a model's config, `from_dict(config.to_dict())`) carries the
+        # stock type; without this the instance would shadow the class's `model_type` with it
+        return super().from_dict(cls._own_model_type(config_dict), **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        return cls._own_model_type(super()._dict_from_json_file(json_file))
 
 
 class VlmcCLIPConfig(_StockModelTypeOnDisk, CLIPConfig):
