@@ -67,3 +67,61 @@ def test_hub_id_failure_is_clear(monkeypatch):
         assert "nonexistent-org/nonexistent-model" in str(e) and "Hub id" in str(e)
     else:
         raise AssertionError("expected ModelLoadError")
+
+
+def _cache_as_hub_repo(folder, cache, repo_id: str, commit: str = "a" * 40):
+    """Lay `folder` out in huggingface_hub's cache as repo `repo_id` at `main`, as a past download would have."""
+    import shutil
+
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, storage / "snapshots" / commit)
+
+
+def test_a_pushed_checkpoint_loads_by_its_hub_id_from_the_cache(tmp_path):
+    """`vlmcompress.load`, `load_model` (so `model:` in a recipe) and `validate` take the Hub id of a compressed
+    checkpoint: the compressed classes load it, never a stock class (which would drop the token reduction)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    vlmcompress.apply({"model": "tiny-clip", "output": str(out),
+                       "stages": [{"method": "structured_prune", "ratio": 0.5}, {"method": "token_reduce", "r": 8}]},
+                      progress=False)
+    _cache_as_hub_repo(out, tmp_path / "cache", "me/tiny-clip-small")
+    script = f"""
+import json, torch, vlmcompress
+from vlmcompress.adapters import BUILTIN_TINY
+from vlmcompress.models import load_model
+local = vlmcompress.load({str(out)!r})
+by_id = vlmcompress.load("me/tiny-clip-small")
+model, _ = load_model("me/tiny-clip-small")
+meta, _ = load_model("me/tiny-clip-small", meta=True)
+inputs = BUILTIN_TINY["tiny-clip"].example_inputs(local, batch_size=2)
+with torch.no_grad():
+    want = local(**inputs).logits_per_image
+    print(json.dumps({{"types": [type(m).__name__ for m in (by_id, model, meta)],
+                      "meta": all(p.is_meta for p in meta.parameters()),
+                      "tokens": by_id.config.token_reduction["towers"][0]["tokens_per_layer"],
+                      "diff": max(float((m(**inputs).logits_per_image - want).abs().max()) for m in (by_id, model))}}))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["types"] == ["VlmcCLIPModel"] * 3 and got["meta"]
+    assert got["tokens"] == [57, 49] and got["diff"] == 0.0
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: me/tiny-clip-small\noutput: again\nstages:\n  - {method: token_reduce, r: 4}\n")
+    check = subprocess.run([sys.executable, "-m", "vlmcompress", "validate", str(recipe)], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not (tmp_path / "again").exists()
+    missing = subprocess.run([sys.executable, "-c", "import vlmcompress; vlmcompress.load('me/not-cached')"],
+                             capture_output=True, text=True, env=env, check=False)
+    assert missing.returncode == 1 and "'me/not-cached' is neither a local folder nor a vlmcompress checkpoint" \
+        in missing.stderr

@@ -221,10 +221,15 @@ def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map:
     """Load a vlmcompress checkpoint with the installed vlmcompress classes (never runs code from the folder).
 
     Args:
-        folder: a folder written by `vlmcompress apply`.
+        folder: a folder written by `vlmcompress apply`, or the Hub id of one published by `vlmcompress push`
+            (its data files are fetched into huggingface_hub's cache; its Python files never are).
         dtype: `"float32"`, `"bfloat16"`, a `torch.dtype`, or None for the checkpoint's dtype.
         device_map: passed to `from_pretrained` (e.g. `"auto"`, needs accelerate).
     """
+    from .hub import looks_like_repo_id
+
+    if not Path(folder).is_dir() and looks_like_repo_id(str(folder)):
+        folder = _fetch(str(folder), meta)
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -260,3 +265,15 @@ def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map:
         if note:
             print(f"vlmcompress: {note}", file=sys.stderr)
     return model
+
+
+def _fetch(repo_id: str, meta: bool) -> Path:
+    from .hub import compressed_snapshot
+
+    snapshot = compressed_snapshot(repo_id, config_only=meta)
+    if snapshot is None:
+        raise ModelLoadError(f"'{repo_id}' is neither a local folder nor a vlmcompress checkpoint on the Hub (its "
+                             "config.json could not be fetched or has no vlmcompress record); give the folder "
+                             "`vlmcompress apply` wrote, or load a stock model with transformers")
+    return snapshot
+

@@ -63,7 +63,14 @@ def load_model(
             f"model '{name}' is neither a local folder nor a built-in name; {hint}"
             f"built-ins: {', '.join(builtin_names())}; or give a Hub id like 'openai/clip-vit-base-patch32'"
         )
-    return _load_folder(name, dtype, trust_remote_code, meta)  # a Hub id
+    from .hub import compressed_snapshot
+
+    snapshot = compressed_snapshot(name, config_only=meta)  # a checkpoint `vlmcompress push` published
+    if snapshot is not None:
+        from .checkpoint import load
+
+        return load(snapshot, dtype=dtype, meta=meta), (None if meta else _load_processor(str(snapshot)))
+    return _load_folder(name, dtype, trust_remote_code, meta)  # a stock Hub id
 
 
 def _is_onnx_folder(path: Path) -> bool:

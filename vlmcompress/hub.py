@@ -1,0 +1,56 @@
+"""Compressed checkpoints on the Hub (what `vlmcompress push` publishes), fetched into huggingface_hub's cache.
+
+Only data files come down: configs, safetensors and processor files. The checkpoint's own Python files are never
+fetched, since vlmcompress loads it with its installed classes. Offline mode (`HF_HUB_OFFLINE=1`) and a local
+cache work as huggingface_hub makes them work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+# what `load` needs from a pushed folder: its config, weights and processor / tokenizer / chat-template files
+DATA_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"]
+
+
+def looks_like_repo_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).exists() or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def compressed_snapshot(repo_id: str, config_only: bool = False, revision: str | None = None) -> Path | None:
+    """The local snapshot folder of Hub repo `repo_id` when its `config.json` is a vlmcompress checkpoint's, else
+    None (not a repo id, its config not reachable, or a stock model: the caller's stock path then says why). With
+    `config_only`, only `config.json` is fetched (a check reads no weights). Raises ModelLoadError when the
+    config says vlmcompress but the rest cannot be fetched."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    from .checkpoint import compressed_classes
+
+    if not looks_like_repo_id(repo_id):
+        return None
+    try:  # the boundary with huggingface_hub: whatever it raises, the stock path reports the failure in one line
+        config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        config = json.loads(config_file.read_text())
+    except Exception:
+        return None
+    if compressed_classes(config) is None:
+        return None
+    if config_only:
+        return config_file.parent
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DATA_FILES))
+    except Exception as e:  # network / cache errors after the config came down
+        raise ModelLoadError(f"could not fetch the files of Hub repo '{repo_id}' ({str(e).splitlines()[0][:200]}); "
+                             "check the connection, or set HF_HUB_OFFLINE=1 to use the local cache") from None
