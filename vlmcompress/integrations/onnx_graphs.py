@@ -19,7 +19,11 @@ class OnnxExportError(VlmCompressError):
     """A model (or a part of it) that cannot be exported to a correct ONNX graph."""
 
 
-FAMILIES = ("clip", "siglip", "llava")
+# the graphs each family exports and the components each holds (a quantize stage's dry-run plan reads this)
+GRAPH_COMPONENTS = {"clip": {"image_encoder": ("vision",), "text_encoder": ("text",), "model": ("vision", "text")},
+                    "siglip": {"image_encoder": ("vision",), "text_encoder": ("text",), "model": ("vision", "text")},
+                    "llava": {"image_encoder": ("vision", "projector")}}
+FAMILIES = tuple(GRAPH_COMPONENTS)
 
 
 def _pooled(output) -> torch.Tensor:
@@ -133,7 +137,7 @@ def graphs_for(model: nn.Module, adapter) -> list[Graph]:
     batch = {0: "batch"}
     if family == "llava":
         return [Graph("image_encoder", LlavaImageEncoder(model), {"pixel_values": pixels}, {"pixel_values": batch},
-                      "image_features", ("vision", "projector"), "image",
+                      "image_features", GRAPH_COMPONENTS["llava"]["image_encoder"], "image",
                       "vision tower (at vision_feature_layer) + multi-modal projector: the image features handed to "
                       "the language model", vision=True)]
     text = model.config.text_config
@@ -144,6 +148,7 @@ def graphs_for(model: nn.Module, adapter) -> list[Graph]:
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0  # a padded row, so the mask is not constant-folded away
     sequence = {0: "batch", 1: "sequence"}
+    owned = GRAPH_COMPONENTS[family]
     # Optimum's whole-model graph: image and text batches are separate axes (3 texts against 2 images here)
     texts = {0: "text_batch", 1: "sequence"}
     whole = {"input_ids": torch.cat([ids, ids[:1]]), "pixel_values": pixels}
@@ -151,14 +156,14 @@ def graphs_for(model: nn.Module, adapter) -> list[Graph]:
         whole["attention_mask"] = torch.cat([mask, mask[:1]])
     whole_axes = {"input_ids": texts, "pixel_values": {0: "image_batch"}, "attention_mask": texts}
     return [Graph("image_encoder", ImageEncoder(model), {"pixel_values": pixels}, {"pixel_values": batch},
-                  "image_embeds", ("vision",), "image", "get_image_features: vision tower + projection "
+                  "image_embeds", owned["image_encoder"], "image", "get_image_features: vision tower + projection "
                   "(not L2-normalised)", vision=True),
             Graph("text_encoder", TextEncoder(model), {"input_ids": ids, "attention_mask": mask},
-                  {"input_ids": sequence, "attention_mask": sequence}, "text_embeds", ("text",), "text",
+                  {"input_ids": sequence, "attention_mask": sequence}, "text_embeds", owned["text_encoder"], "text",
                   "get_text_features: text tower + projection (not L2-normalised)"),
             Graph("model", DualEncoder(model), whole, {k: whole_axes[k] for k in whole},
                   {"logits_per_image": ("image_batch", "text_batch"), "logits_per_text": ("text_batch", "image_batch"),
-                   "text_embeds": ("text_batch",), "image_embeds": ("image_batch",)}, ("vision", "text"), None,
+                   "text_embeds": ("text_batch",), "image_embeds": ("image_batch",)}, owned["model"], None,
                   "the whole model as Optimum's zero-shot-image-classification export (optimum-onnx 0.1.0): "
                   "similarity logits and L2-normalised embeddings", vision=True)]
 

@@ -14,12 +14,6 @@ from ...selectors import matches
 from ..base import RunContext
 from .stage import QuantizeConfig, register_backend, resolve_scheme
 
-# the graphs each family exports and the components each holds
-GRAPHS = {"llava": {"image_encoder": ("vision", "projector")},
-          "clip": {"image_encoder": ("vision",), "text_encoder": ("text",), "model": ("vision", "text")},
-          "siglip": {"image_encoder": ("vision",), "text_encoder": ("text",), "model": ("vision", "text")}}
-
-
 @register_backend
 class OnnxRuntimeConfig(QuantizeConfig):
     """ONNX Runtime dynamic int8 of the exported encoders."""
@@ -109,18 +103,19 @@ class OnnxRuntimeConfig(QuantizeConfig):
 
         from ... import cpu as cpu_facts
         from ...integrations.onnx import int8_format
+        from ...integrations.onnx_graphs import GRAPH_COMPONENTS
 
         family = adapter.family
-        if family not in GRAPHS:
-            raise UnsupportedModelError(f"the onnxruntime backend exports {', '.join(GRAPHS)} models; this one is a "
-                                        f"{family} model")
+        if family not in GRAPH_COMPONENTS:
+            raise UnsupportedModelError(f"the onnxruntime backend exports {', '.join(GRAPH_COMPONENTS)} models; "
+                                        f"this one is a {family} model")
         scheme = resolve_scheme(self.backend, self.scheme)
         overrides = {c: resolve_scheme(self.backend, s) for c, s in self.overrides.items()}
         components = adapter.components(model)
         layout = int8_format(cpu_facts.detect(), self.reduce_range)
         plan: dict[str, Any] = {"backend": "onnxruntime", "scheme": scheme, "graphs": {}, "int8 linear layers": {},
                                 "int8 weights": f"{7 if layout.reduce_range else 8} bits ({layout.reason})"}
-        for name, owned in GRAPHS[family].items():
+        for name, owned in GRAPH_COMPONENTS[family].items():
             chosen = [c for c in owned if (self.components is None or c in self.components)
                       and overrides.get(c, scheme) not in ("none", "fp32")]
             plan["graphs"][name] = f"{'int8_dynamic' if chosen else 'fp32'} ({'+'.join(owned)})"
