@@ -123,5 +123,12 @@ with torch.no_grad():
     assert not (tmp_path / "again").exists()
     missing = subprocess.run([sys.executable, "-c", "import vlmcompress; vlmcompress.load('me/not-cached')"],
                              capture_output=True, text=True, env=env, check=False)
-    assert missing.returncode == 1 and "'me/not-cached' is neither a local folder nor a vlmcompress checkpoint" \
-        in missing.stderr
+    assert missing.returncode == 1 and "'me/not-cached' is not a local folder; could not read the config of Hub id " \
+        "'me/not-cached' (not in the local cache, and the Hub was not reachable or HF_HUB_OFFLINE is set)" \
+        in missing.stderr, missing.stderr[-500:]
+    stock = tmp_path / "stock"
+    BUILTIN_TINY["tiny-clip"].tiny_model(0).save_pretrained(stock)
+    _cache_as_hub_repo(stock, tmp_path / "cache", "me/stock-clip")
+    refused = subprocess.run([sys.executable, "-c", "import vlmcompress; vlmcompress.load('me/stock-clip')"],
+                             capture_output=True, text=True, env=env, check=False)
+    assert "Hub id 'me/stock-clip' is a stock model, not a vlmcompress checkpoint" in refused.stderr, refused.stderr

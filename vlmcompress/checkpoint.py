@@ -270,10 +270,11 @@ def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map:
 def _fetch(repo_id: str, meta: bool) -> Path:
     from .hub import compressed_snapshot
 
-    snapshot = compressed_snapshot(repo_id, config_only=meta)
+    try:
+        snapshot = compressed_snapshot(repo_id, config_only=meta)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"'{repo_id}' is not a local folder; {e}") from None
     if snapshot is None:
-        raise ModelLoadError(f"'{repo_id}' is neither a local folder nor a vlmcompress checkpoint on the Hub (its "
-                             "config.json could not be fetched or has no vlmcompress record); give the folder "
-                             "`vlmcompress apply` wrote, or load a stock model with transformers")
+        raise ModelLoadError(f"Hub id '{repo_id}' is a stock model, not a vlmcompress checkpoint (its config.json has "
+                             "no vlmcompress record); load it with transformers, or compress it with a recipe")
     return snapshot
-

@@ -31,20 +31,25 @@ def looks_like_repo_id(name: str) -> bool:
 
 def compressed_snapshot(repo_id: str, config_only: bool = False, revision: str | None = None) -> Path | None:
     """The local snapshot folder of Hub repo `repo_id` when its `config.json` is a vlmcompress checkpoint's, else
-    None (not a repo id, its config not reachable, or a stock model: the caller's stock path then says why). With
-    `config_only`, only `config.json` is fetched (a check reads no weights). Raises ModelLoadError when the
-    config says vlmcompress but the rest cannot be fetched."""
+    None (not a repo id, or a stock model, which the caller loads with transformers from the config cached here).
+    With `config_only`, only `config.json` is fetched (a check reads no weights). Raises ModelLoadError when the
+    config cannot be fetched (transformers would fail the same way, after waiting as long again) or the config says
+    vlmcompress but the rest cannot be fetched."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     from .checkpoint import compressed_classes
 
     if not looks_like_repo_id(repo_id):
         return None
-    try:  # the boundary with huggingface_hub: whatever it raises, the stock path reports the failure in one line
+    try:  # the boundary with huggingface_hub: whatever it raises becomes one line
         config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except Exception as e:
+        raise ModelLoadError(f"could not read the config of Hub id '{repo_id}' ({_why(e)}); check the name, "
+                             "the connection and HF_TOKEN") from None
+    try:
         config = json.loads(config_file.read_text())
-    except Exception:
-        return None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"the config.json of Hub id '{repo_id}' is not valid JSON ({e})") from None
     if compressed_classes(config) is None:
         return None
     if config_only:
@@ -52,5 +57,29 @@ def compressed_snapshot(repo_id: str, config_only: bool = False, revision: str |
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DATA_FILES))
     except Exception as e:  # network / cache errors after the config came down
-        raise ModelLoadError(f"could not fetch the files of Hub repo '{repo_id}' ({str(e).splitlines()[0][:200]}); "
-                             "check the connection, or set HF_HUB_OFFLINE=1 to use the local cache") from None
+        raise ModelLoadError(f"could not fetch the files of Hub id '{repo_id}' ({_why(e)}); check the connection, "
+                             "or set HF_HUB_OFFLINE=1 to use the local cache") from None
+
+
+def _why(e: Exception) -> str:
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub and set HF_TOKEN"
+    if isinstance(e, RepositoryNotFoundError):
+        return "no such repository, or it is private and no token with access was given"
+    if isinstance(e, RevisionNotFoundError):
+        return "no such revision"
+    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):  # before EntryNotFoundError: a subclass
+        return "not in the local cache, and the Hub was not reachable or HF_HUB_OFFLINE is set"
+    if isinstance(e, EntryNotFoundError):
+        return "the repository has no config.json"
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
