@@ -453,6 +453,22 @@ def test_resume_after_the_export_keeps_the_onnx_folder(tmp_path, monkeypatch):
     assert vx.load_onnx(out / "onnx").spec["graphs"]["image_encoder"]["tokens_per_layer"] == [65, 57, 49]
 
 
+def test_a_folder_without_the_whole_model_graph_loads_and_a_missing_encoder_is_named(shapes_out, tmp_path):
+    import shutil
+
+    out, _ = shapes_out
+    folder = tmp_path / "onnx"
+    shutil.copytree(out / "onnx", folder)
+    full = vx.load_onnx(out / "onnx", threads=1)
+    (folder / "model.onnx").unlink()  # Optimum's graph repeats the encoders; vlmcompress never runs it
+    trimmed = vx.load_onnx(folder, threads=1)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # shapes-clip-small's size
+    assert torch.equal(trimmed.get_image_features(pixel_values=pixels), full.get_image_features(pixel_values=pixels))
+    (folder / "text_encoder.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="lacks text_encoder.onnx; the export is incomplete"):
+        vx.load_onnx(folder)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the int8 layout is chosen by the CPU's features
 

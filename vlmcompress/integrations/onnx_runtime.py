@@ -164,7 +164,9 @@ def load_onnx(folder: str | Path, threads: int | None = None) -> OnnxModel:
     if spec[MARKER] > FORMAT_VERSION:
         raise ModelLoadError(f"'{folder}' was written by a newer vlmcompress (ONNX format {spec[MARKER]}, this "
                              f"version reads {FORMAT_VERSION}); upgrade: pip install -U vlmcompress")
-    missing = [g["file"] for g in spec["graphs"].values() if not (folder / g["file"]).is_file()]
+    # only the graphs OnnxModel runs: Optimum's whole-model `model.onnx` repeats the encoders, and a user may drop it
+    missing = [g["file"] for name, g in spec["graphs"].items()
+               if g.get("workload", name) is not None and not (folder / g["file"]).is_file()]
     if missing:
         raise ModelLoadError(f"'{folder}' lacks {', '.join(missing)}; the export is incomplete, run it again")
     warning = saturation_warning(spec)
