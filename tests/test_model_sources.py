@@ -132,3 +132,31 @@ with torch.no_grad():
     refused = subprocess.run([sys.executable, "-c", "import vlmcompress; vlmcompress.load('me/stock-clip')"],
                              capture_output=True, text=True, env=env, check=False)
     assert "Hub id 'me/stock-clip' is a stock model, not a vlmcompress checkpoint" in refused.stderr, refused.stderr
+
+
+def test_a_compressed_checkpoint_resaved_by_its_stock_class_is_a_stock_model_again(tmp_path, capfd):
+    """CLIPModel.from_pretrained(compressed).save_pretrained(...) keeps the compressed config's blocks, though the
+    stock class applied none of them; compressing that folder must not carry a token reduction the weights never ran
+    with into the new checkpoint."""
+    import json
+
+    from transformers import CLIPModel
+
+    vlmcompress.apply({"model": "tiny-clip", "output": str(tmp_path / "a"),
+                       "stages": [{"method": "token_reduce", "r": 4}]}, progress=False)
+    CLIPModel.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "stock")
+    assert json.loads((tmp_path / "stock" / "config.json").read_text())["token_reduction"] is not None
+    capfd.readouterr()
+    model, _ = load_model(str(tmp_path / "stock"))
+    assert type(model).__name__ == "CLIPModel"
+    assert not hasattr(model.config, "token_reduction") and not hasattr(model.config, "auto_map")
+    assert "applies none of its vlmcompress / token_reduction records; they are dropped" in capfd.readouterr().err
+    vlmcompress.apply({"model": str(tmp_path / "stock"), "output": str(tmp_path / "b"),
+                       "stages": [{"method": "structured_prune", "ratio": 0.5}]}, progress=False)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["token_reduction"] is None and config["vlmcompress"]["base_model"] == "stock"
+    loaded = vlmcompress.load(tmp_path / "b")
+    inputs = BUILTIN_TINY["tiny-clip"].example_inputs(loaded, batch_size=2)
+    with torch.no_grad():
+        hidden = loaded.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+    assert hidden.shape[1] == 65  # every patch token (+ CLS) reaches the last layer: no ToMe

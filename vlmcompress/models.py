@@ -8,6 +8,7 @@ code of the *source* model runs only when the recipe sets `trust_remote_code: tr
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +140,38 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
         raise ModelLoadError(f"could not read the config of {where} '{name}' ({_short(e)}); check the name") from None
     cls = _stock_class(config)
     _check_token_ids(config, name)
+    stale = _drop_stale_records(config, name, cls)
     try:
         if meta:
             with torch.device("meta"):
                 model = cls._from_config(config)
         else:
-            model = cls.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = cls.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                        **({"config": config} if stale else {}))
     except Exception as e:
         raise ModelLoadError(
             f"could not load the weights of '{name}' ({_short(e)}); the files may be corrupt") from None
     return model.eval(), (None if meta else _load_processor(name))
+
+
+# the blocks a compressed checkpoint's config carries (configuration_vlmcompress.py); `auto_map` points at its code
+RECORD_KEYS = ("vlmcompress", "token_reduction", "quantization")
+
+
+def _drop_stale_records(config, name: str, cls: type) -> list[str]:
+    """A compressed checkpoint loaded with a stock class and saved again keeps the compressed config's blocks, but the
+    stock class applied none of them (token reduction off, no record of pruning): they describe the checkpoint it came
+    from, not these weights. Compressing it further must not carry them over, so they are dropped, with one line."""
+    stale = [key for key in RECORD_KEYS if getattr(config, key, None) is not None]
+    if not stale:
+        return []
+    for key in [*stale, "auto_map"]:
+        if key in config.__dict__:
+            delattr(config, key)
+    print(f"vlmcompress: '{name}' is a {cls.__name__} saved from a vlmcompress checkpoint by the stock class, which "
+          f"applies none of its {' / '.join(stale)} records; they are dropped (load the original checkpoint with "
+          "vlmcompress.load to keep them)", file=sys.stderr)
+    return stale
 
 
 def _check_token_ids(config, name: str) -> None:
