@@ -271,7 +271,7 @@ def _fetch(repo_id: str, meta: bool) -> Path:
     from .hub import compressed_snapshot
 
     try:
-        snapshot = compressed_snapshot(repo_id, config_only=meta)
+        snapshot = compressed_snapshot(repo_id, lambda c: compressed_classes(c) is not None, config_only=meta)
     except ModelLoadError as e:
         raise ModelLoadError(f"'{repo_id}' is not a local folder; {e}") from None
     if snapshot is None:

@@ -8,6 +8,7 @@ cache work as huggingface_hub makes them work.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -29,15 +30,14 @@ def looks_like_repo_id(name: str) -> bool:
     return True
 
 
-def compressed_snapshot(repo_id: str, config_only: bool = False, revision: str | None = None) -> Path | None:
+def compressed_snapshot(repo_id: str, is_compressed: Callable[[dict], bool], config_only: bool = False,
+                        revision: str | None = None) -> Path | None:
     """The local snapshot folder of Hub repo `repo_id` when its `config.json` is a vlmcompress checkpoint's, else
     None (not a repo id, or a stock model, which the caller loads with transformers from the config cached here).
     With `config_only`, only `config.json` is fetched (a check reads no weights). Raises ModelLoadError when the
     config cannot be fetched (transformers would fail the same way, after waiting as long again) or the config says
     vlmcompress but the rest cannot be fetched."""
     from huggingface_hub import hf_hub_download, snapshot_download
-
-    from .checkpoint import compressed_classes
 
     if not looks_like_repo_id(repo_id):
         return None
@@ -50,7 +50,7 @@ def compressed_snapshot(repo_id: str, config_only: bool = False, revision: str |
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"the config.json of Hub id '{repo_id}' is not valid JSON ({e})") from None
-    if compressed_classes(config) is None:
+    if not is_compressed(config):  # checkpoint.compressed_classes, passed in (checkpoint imports this module)
         return None
     if config_only:
         return config_file.parent

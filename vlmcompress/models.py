@@ -64,9 +64,10 @@ def load_model(
             f"model '{name}' is neither a local folder nor a built-in name; {hint}"
             f"built-ins: {', '.join(builtin_names())}; or give a Hub id like 'openai/clip-vit-base-patch32'"
         )
+    from .checkpoint import compressed_classes
     from .hub import compressed_snapshot
 
-    snapshot = compressed_snapshot(name, config_only=meta)  # a checkpoint `vlmcompress push` published
+    snapshot = compressed_snapshot(name, lambda c: compressed_classes(c) is not None, config_only=meta)  # a checkpoint `vlmcompress push` published
     if snapshot is not None:
         from .checkpoint import load
 
