@@ -43,11 +43,6 @@ class _StockModelTypeOnDisk:
         return config_dict
 
     @classmethod
-    def get_config_dict(cls, *args, **kwargs):
-        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        return cls._own_model_type(config_dict), kwargs
-
-    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         # `to_dict()` output fed back (copy.deepcopy of a model's config, `from_dict(config.to_dict())`) carries the
         # stock type; without this the instance would shadow the class's `model_type` with it
@@ -55,6 +50,7 @@ class _StockModelTypeOnDisk:
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
+        # every read of a config.json (from_pretrained through get_config_dict, from_json_file) comes through here
         return cls._own_model_type(super()._dict_from_json_file(json_file))
 
 
