@@ -216,6 +216,11 @@ def register_classes() -> None:
             autos[name].register(config_cls, model_cls, exist_ok=True)
 
 
+def is_compressed(config_dict: Any) -> bool:
+    """Whether a `config.json`'s contents are a compressed checkpoint's (any format)."""
+    return compressed_classes(config_dict) is not None
+
+
 def load(folder: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
          meta: bool = False) -> nn.Module:
     """Load a vlmcompress checkpoint with the installed vlmcompress classes (never runs code from the folder).
@@ -271,7 +276,7 @@ def _fetch(repo_id: str, meta: bool) -> Path:
     from .hub import compressed_snapshot
 
     try:
-        snapshot = compressed_snapshot(repo_id, lambda c: compressed_classes(c) is not None, config_only=meta)
+        snapshot = compressed_snapshot(repo_id, is_compressed, config_only=meta)
     except ModelLoadError as e:
         raise ModelLoadError(f"'{repo_id}' is not a local folder; {e}") from None
     if snapshot is None:

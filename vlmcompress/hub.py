@@ -50,7 +50,7 @@ def compressed_snapshot(repo_id: str, is_compressed: Callable[[dict], bool], con
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"the config.json of Hub id '{repo_id}' is not valid JSON ({e})") from None
-    if not is_compressed(config):  # checkpoint.compressed_classes, passed in (checkpoint imports this module)
+    if not is_compressed(config):  # checkpoint.is_compressed, passed in (checkpoint imports this module)
         return None
     if config_only:
         return config_file.parent

@@ -64,13 +64,11 @@ def load_model(
             f"model '{name}' is neither a local folder nor a built-in name; {hint}"
             f"built-ins: {', '.join(builtin_names())}; or give a Hub id like 'openai/clip-vit-base-patch32'"
         )
-    from .checkpoint import compressed_classes
+    from .checkpoint import is_compressed, load
     from .hub import compressed_snapshot
 
-    snapshot = compressed_snapshot(name, lambda c: compressed_classes(c) is not None, config_only=meta)  # a checkpoint `vlmcompress push` published
+    snapshot = compressed_snapshot(name, is_compressed, config_only=meta)  # a checkpoint `vlmcompress push` published
     if snapshot is not None:
-        from .checkpoint import load
-
         return load(snapshot, dtype=dtype, meta=meta), (None if meta else _load_processor(str(snapshot)))
     return _load_folder(name, dtype, trust_remote_code, meta)  # a stock Hub id
 
