@@ -21,16 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def recall(model, processor) -> dict:
-    from vlmcompress.accuracy import measure
-    from vlmcompress.data import load_rows
-    from vlmcompress.data.schema import DataSource
-
-    rows = load_rows(DataSource(builtin="shapes", split="test", size=2000), model)
-    acc = measure(model, processor, "clip", rows)
-    return {key: acc[key] for key in ("i2t_R@1", "t2i_R@1", "recall@1")}
+from common import shapes_recall  # noqa: E402
 
 
 def main() -> None:
@@ -49,14 +40,14 @@ def main() -> None:
     changes = {k: v for k, v in (("text_layers", args.text_layers), ("vision_layers", args.vision_layers)) if v}
     variant = dataclasses.replace(base, **changes)
     rows = [{"model": "shapes-clip teacher", "recipe": dataclasses.asdict(base), "params": count_params(teacher)}
-            | recall(teacher, processor)]
+            | shapes_recall(teacher, processor)]
     print(json.dumps(rows[-1]), flush=True)
     start = time.perf_counter()
     model = zoo.train_clip(variant, on_step=lambda s, loss: print(f"step {s + 1}/{variant.steps} loss {loss:.4f}",
                                                                    flush=True) if (s + 1) % 100 == 0 else None)
     minutes = round((time.perf_counter() - start) / 60, 1)
     rows.append({"model": f"from scratch {changes}", "recipe": dataclasses.asdict(variant),
-                 "params": count_params(model), "minutes": minutes} | recall(model, processor))
+                 "params": count_params(model), "minutes": minutes} | shapes_recall(model, processor))
     rows[-1]["of_teacher"] = round(rows[-1]["recall@1"] / rows[0]["recall@1"], 4)
     print(json.dumps(rows[-1]), flush=True)
     result = {"machine": machine_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),

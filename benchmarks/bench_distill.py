@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import shapes_recall  # noqa: E402
 
 STUDENTS = {"shapes-clip": {"half vision": {"vision": 2}, "half vision + half text": {"vision": 2, "text": 1}},
             "shapes-llava": {"llm [0, 2]": {"llm": [0, 2]}, "llm [0]": {"llm": [0]}}}
@@ -74,13 +75,7 @@ def students(args) -> dict:
     teacher, processor = load_model(args.model)
     row = {"student": "teacher", "params": count_params(teacher)}
     if args.model == "shapes-clip":
-        from vlmcompress.accuracy import measure
-        from vlmcompress.data import load_rows
-        from vlmcompress.data.schema import DataSource
-
-        acc = measure(teacher, processor, "clip", load_rows(DataSource(builtin="shapes", split="test", size=2000),
-                                                         teacher))
-        row |= {"i2t_R@1": acc["i2t_R@1"], "t2i_R@1": acc["t2i_R@1"], "recall@1": acc["recall@1"]}
+        row |= shapes_recall(teacher, processor)
     else:
         row["vqa"] = vqa(teacher, args.model)
     rows.append(row)

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the ViT-B/16-shaped CLIP tower and writing results as JSON."""
+"""What the benchmark scripts share: the ViT-B/16-shaped CLIP tower, shapes-clip's recall and writing results as
+JSON."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ def vit_b16_clip() -> CLIPModel:
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
                 bos_token_id=1, eos_token_id=3, pad_token_id=0)
     return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512)).eval()
+
+
+def shapes_recall(model, processor, size: int = 2000) -> dict:
+    """R@1 both ways and their mean on the first `size` `shapes` test pairs (what the distill benchmarks compare)."""
+    from vlmcompress.accuracy import measure
+    from vlmcompress.data import load_rows
+    from vlmcompress.data.schema import DataSource
+
+    acc = measure(model, processor, "clip", load_rows(DataSource(builtin="shapes", split="test", size=size), model))
+    return {key: acc[key] for key in ("i2t_R@1", "t2i_R@1", "recall@1")}
 
 
 def write_json(results: dict, path: Path | None) -> None:
