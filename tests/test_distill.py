@@ -18,7 +18,7 @@ import vlmcompress
 from vlmcompress.adapters import BUILTIN_TINY
 from vlmcompress.cli import app
 from vlmcompress.stages.distill.student import attention_map, evenly_spaced, hidden_map, keep_layers
-from vlmcompress.train.losses import attention_mse, hidden_mse
+from vlmcompress.train.losses import attention_mse, embedding_distance, hidden_mse
 
 runner = CliRunner()
 
@@ -60,6 +60,18 @@ def test_hidden_and_attention_terms_are_zero_for_the_teacher_itself():
     assert attention_mse([maps[0], maps[3]], maps, [1, 3]).item() > 0
     # by hand: MSE of [0, 2] against [1, 1] = (1 + 1) / 2
     assert hidden_mse([torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 1.0])], [0]).item() == 1.0
+
+
+def test_embedding_term_by_hand():
+    # unit rows: (1, 0) vs (0, 1) are orthogonal, ‖ŝ − t̂‖² = 2; (3, 4) vs (6, 8) point the same way, 0
+    student = {"image": torch.tensor([[1.0, 0.0], [3.0, 4.0]]), "text": torch.tensor([[0.0, -2.0]])}
+    teacher = {"image": torch.tensor([[0.0, 5.0], [6.0, 8.0]]), "text": torch.tensor([[0.0, 2.0]])}
+    # image: mean(2, 0) = 1; text: opposite directions, 4; mean over the two names = 2.5
+    assert embedding_distance(student, teacher).item() == pytest.approx(2.5)
+    same = {"image": torch.randn(4, 8)}
+    assert embedding_distance(same, {"image": same["image"] * 3}).item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="no embeddings"):
+        embedding_distance({"image": same["image"]}, {"text": same["image"]})
 
 
 def recipe(out: Path, student: dict, loss: dict | None = None, steps: int = 4) -> dict:
@@ -115,10 +127,12 @@ def test_a_distilled_student_trains_and_reloads_with_stock_transformers(tmp_path
     ("{vision: [0, 0]}", ["distill.student.vision", "distinct"]),
     ("{llm: 1}", ["distill.student.llm", "no llm layers", "vision, text"]),
     ("{vision: 3}", ["distill.student.vision", "3 layers asked", "the teacher has 2"]),
+    ("{vision: 1}\n    loss: {embedding: 1}\n", ["distill.loss.embedding", "llava", "clip and siglip"]),
 ])
 def test_bad_students_are_one_line(tmp_path, student, fragments):
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"model: shapes-clip-small\noutput: {tmp_path / 'out'}\ndata:\n  train: {{builtin: shapes}}\n"
+    model = "shapes-llava" if "embedding" in student else "shapes-clip-small"
+    path.write_text(f"model: {model}\noutput: {tmp_path / 'out'}\ndata:\n  train: {{builtin: shapes}}\n"
                     f"stages:\n  - method: distill\n    student: {student}\n    train: {{steps: 2}}\n")
     for command in (["validate", str(path)], ["apply", str(path)]):
         result = runner.invoke(app, command)
@@ -198,7 +212,8 @@ def test_every_distillation_term_is_zero_for_a_student_equal_to_the_teacher():
     batch = adapter.example_inputs(student, batch_size=3)
     adapter.collate = lambda processor, rows: batch
     stage = DistillStage(DistillConfig(method="distill", student={"vision": 2, "text": 2}, train={"steps": 1},
-                                       loss={"task": 0.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}))
+                                       loss={"task": 0.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0,
+                                             "embedding": 1.0}))
     keep = stage.keep(student, adapter)
     assert keep == {"vision": [0, 1], "text": [0, 1]}
     ctx = SimpleNamespace(adapter=adapter, processor=None, teacher=teacher)
@@ -206,7 +221,7 @@ def test_every_distillation_term_is_zero_for_a_student_equal_to_the_teacher():
     loss_fn = stage._loss_fn(ctx, stacks, keep, stage.maps(student, adapter, keep), {"vision": [0, 1], "text": [0, 1]})
     with torch.no_grad():
         same = loss_fn(student, None).terms
-        assert set(same) == {"logits", "hidden", "attention"} and all(float(v) == 0 for v in same.values()), same
+        assert set(same) == {"logits", "hidden", "attention", "embedding"} and all(float(v) == 0 for v in same.values()), same
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
         moved = loss_fn(student, None).terms

@@ -257,6 +257,27 @@ def test_a_killed_run_resumes_bit_identically(tmp_path):
 # bad input
 
 
+def test_adam_betas_reach_the_optimizer():
+    """Adam's first update is β-free (bias correction); from the second on β2 weighs the squared-gradient history,
+    so three steps on a changing loss end at different weights for different β2, and at the same for the same."""
+    def trained(betas):
+        torch.manual_seed(0)
+        w = torch.nn.Linear(3, 1, bias=False)
+        data = torch.randn(3, 4, 3)
+
+        def loss(m, rows):
+            value = m(data[rows[0]["index"] // 2]).pow(2).mean()
+            return LossOutput(value, {"task": value})
+
+        Trainer(fake_context(), TrainConfig(steps=3, batch_size=2, lr=0.1, warmup=0, adam_betas=betas), name="b",
+                model=w, loss_fn=loss, param_groups=[ParamGroup("all", dict(w.named_parameters()))],
+                progress=False).fit()
+        return w.weight.detach().clone()
+
+    assert torch.equal(trained((0.9, 0.999)), trained((0.9, 0.999)))
+    assert not torch.allclose(trained((0.9, 0.999)), trained((0.9, 0.5)), atol=1e-4)
+
+
 def write(tmp_path, finetune: str, data: str = "  train: {builtin: shapes, split: train}\n", before: str = "",
           after: str = "") -> Path:
     text = (f"model: shapes-clip-small\noutput: {tmp_path / 'out'}\ndata:\n{data}  eval: {{builtin: shapes, "
@@ -279,6 +300,7 @@ def write(tmp_path, finetune: str, data: str = "  train: {builtin: shapes, split
     ("train: {steps: 5}\n", {"before": "  - method: quantize\n    backend: torch\n"},
      ["quantize", "must be the last stage", "finetune"]),
     ("train: {steps: 5}\nloss: {logits: 1.0}\n", {}, ["teacher: original"]),
+    ("train: {steps: 5, adam_betas: [0.9, 1.0]}\n", {}, ["adam_betas [0.9, 1.0]", "[0, 1)"]),
     ("train: {epochs: 2}\n", {}, ["stages[0] (finetune).train.epochs is 2.0", "data.train has no size",
                                    "train.steps"]),
 ])

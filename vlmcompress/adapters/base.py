@@ -8,7 +8,7 @@ shipped modeling code needs no family knowledge of its own beyond the attention 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -56,10 +56,13 @@ class MlpUnit:
 
 @dataclass
 class TrainOutputs:
-    """A family's task loss and its logits by name (`[N, classes]` rows that logit distillation compares)."""
+    """A family's task loss, its logits by name (`[N, classes]` rows that logit distillation compares) and, for
+    dual encoders, the projected embeddings by name (`[N, D]`, before normalisation) that embedding distillation
+    compares."""
 
     loss: torch.Tensor
     logits: dict[str, torch.Tensor]
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def same_text_mask(texts: list[str]) -> torch.Tensor:
@@ -110,6 +113,8 @@ class ModelAdapter:
     stock_classes: ClassVar[tuple[str, ...]]  # transformers class names this adapter handles
     builtin_name: ClassVar[str]  # the tiny random-init model, e.g. "tiny-clip"
     component_paths: ClassVar[dict[str, str]]
+    # True where `train_outputs` fills `embeddings` (a shared image-text embedding space: distill's embedding term)
+    embeds_pairs: ClassVar[bool] = False
 
     def components(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: get_submodule(model, path) for name, path in self.component_paths.items()}

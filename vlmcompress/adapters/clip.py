@@ -40,6 +40,7 @@ class CLIPAdapter(ModelAdapter):
     stock_classes = ("CLIPModel",)
     builtin_name = "tiny-clip"
     component_paths = {"vision": "vision_model", "text": "text_model"}
+    embeds_pairs = True
 
     def attention_units(self, model):
         va, _ = _layers_units(model, "vision", "vision_model.encoder.layers", "self_attn", None, "separate")
@@ -111,7 +112,8 @@ def clip_train_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Trai
     out = model(**{k: v for k, v in batch.items() if k != "same_text"})
     logits = out.logits_per_image
     return TrainOutputs(symmetric_cross_entropy(logits, _same(batch).to(logits.device)),
-                        {"image_to_text": logits, "text_to_image": logits.t()})
+                        {"image_to_text": logits, "text_to_image": logits.t()},
+                        {"image": out.image_embeds, "text": out.text_embeds})
 
 
 CLIPAdapter.task_loss = staticmethod(contrastive_loss)

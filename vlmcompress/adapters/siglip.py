@@ -49,7 +49,8 @@ def siglip_train_outputs(model, batch: dict[str, torch.Tensor]) -> TrainOutputs:
     out = model(**{k: v for k, v in batch.items() if k != "same_text"})
     logits = out.logits_per_image
     return TrainOutputs(sigmoid_loss(logits, _same(batch).to(logits.device)),
-                        {"image_to_text": logits, "text_to_image": logits.t()})
+                        {"image_to_text": logits, "text_to_image": logits.t()},
+                        {"image": out.image_embeds, "text": out.text_embeds})
 
 
 # batches as CLIP's (padded to the longest caption, with a mask: as `vlmcompress eval` encodes text)

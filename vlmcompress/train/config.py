@@ -26,6 +26,8 @@ class TrainConfig(StrictModel):
                                                                  "adapters, learned tokens); default: lr")
     warmup: float = Field(0.1, ge=0, description="warm-up: < 1 a fraction of the steps, ≥ 1 a number of steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and norms)")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (β1, β2); CLIP-style contrastive "
+                                                                       "training often uses (0.9, 0.98)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast precision; bf16 runs on CPUs (faster only with AMX), fp16 needs a GPU")
@@ -43,6 +45,12 @@ class TrainConfig(StrictModel):
         if (self.steps is None) == (self.epochs is None):
             given = "both" if self.steps is not None else "neither"
             raise ValueError(f"give exactly one of steps and epochs (got {given}); e.g. steps: 100 or epochs: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas {list(self.adam_betas)} must both be in [0, 1); e.g. [0.9, 0.98]")
         return self
 
     def total_steps(self, train_size: int | None) -> int:

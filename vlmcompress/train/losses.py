@@ -50,3 +50,24 @@ def attention_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], mapp
     if len(mapping) != len(student):
         raise ValueError(f"{len(student)} student attention maps but a layer map of {len(mapping)}")
     return sum(F.mse_loss(s.float(), teacher[t].float()) for s, t in zip(student, mapping)) / len(student)
+
+
+def embedding_distance(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the named embeddings of ‖ŝ − t̂‖² per row, averaged over rows, where ŝ, t̂ are the unit-length
+    student and teacher embeddings `[N, D]` (CLIP-KD's feature distillation: it pulls the student's embedding
+    space onto the teacher's directly, where the similarity KL only constrains it through the batch's rows).
+
+    Equal to 2 − 2·cos(s, t): 0 exactly when every row points the same way, at most 4.
+    """
+    names = [k for k in student if k in teacher]
+    if not names:
+        raise ValueError("the student and the teacher share no embeddings to distil")
+    total = 0.0
+    for k in names:
+        if student[k].shape != teacher[k].shape:
+            raise ValueError(f"student {k} embeddings {tuple(student[k].shape)} and teacher's "
+                             f"{tuple(teacher[k].shape)} differ")
+        s = F.normalize(student[k].float(), dim=-1)
+        t = F.normalize(teacher[k].float(), dim=-1)
+        total = total + (s - t).pow(2).sum(dim=-1).mean()
+    return total / len(names)

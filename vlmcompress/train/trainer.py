@@ -122,7 +122,7 @@ class Trainer:
         if self.freeze_unused:
             self._freeze_unused()
         named = {n: p for g in self.groups for n, p in g.params.items() if p.requires_grad}
-        optimizer = torch.optim.AdamW(self._optimizer_groups(), lr=cfg.lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(self._optimizer_groups(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
         if cfg.gradient_checkpointing:
             self._gradient_checkpointing(True)
         model, optimizer = accelerator.prepare(self.model, optimizer)

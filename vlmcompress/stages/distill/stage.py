@@ -3,7 +3,7 @@ the frozen teacher (EfficientVLM's first stage, methods.md §6b) on the shared t
 
 Loss: `task` × the family's task loss + `logits` × KL to the teacher's logits at `temperature` + `hidden` × MSE of
 hidden states through the layer map + `attention` × MSE of attention maps (eager attention, only when its weight is
-> 0). Hidden states and attention maps are read by forward hooks on the layer stacks, so every family works alike.
+> 0) + `embedding` × squared distance of the unit embeddings (dual encoders). Hidden states and attention maps are read by forward hooks on the layer stacks, so every family works alike.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ class DistillLoss(StrictModel):
     logits: float = Field(1.0, ge=0, description="KL divergence to the teacher's logits")
     hidden: float = Field(1.0, ge=0, description="MSE of hidden states through the layer map")
     attention: float = Field(0.0, ge=0, description="MSE of attention maps (runs eager attention)")
+    embedding: float = Field(0.0, ge=0, description="squared distance of the unit image / text embeddings to the "
+                                                    "teacher's (CLIP-KD feature distillation; clip and siglip)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the logit term")
 
     @model_validator(mode="after")
     def _something(self):
-        if not (self.task or self.logits or self.hidden or self.attention):
-            raise ValueError("every loss weight is 0; give at least one of task, logits, hidden, attention > 0")
+        if not (self.task or self.logits or self.hidden or self.attention or self.embedding):
+            raise ValueError("every loss weight is 0; give at least one of task, logits, hidden, attention, "
+                             "embedding > 0")
         return self
 
 
@@ -107,6 +110,9 @@ class DistillStage(Stage):
         for component in self.config.layer_map:
             if component not in keep:
                 raise VlmCompressError(f"distill.layer_map.{component}: {component} is not in student; add it there")
+        if self.config.loss.embedding > 0 and not adapter.embeds_pairs:
+            raise VlmCompressError(f"distill.loss.embedding: the {adapter.family} family has no shared image-text "
+                                   "embedding space to distil (clip and siglip have); set embedding: 0")
         if self.config.loss.attention > 0:
             for component in keep:
                 stack = adapter.layer_stacks(model)[component]
@@ -191,7 +197,7 @@ class DistillStage(Stage):
                            params_before=params_before, params_after=count_params(model), details=details)
 
     def _loss_fn(self, ctx, stacks, keep, maps, attention_maps):
-        from ...train.losses import attention_mse, hidden_mse, logit_distillation
+        from ...train.losses import attention_mse, embedding_distance, hidden_mse, logit_distillation
         from ...train.trainer import LossOutput
 
         adapter, processor, w = ctx.adapter, ctx.processor, self.config.loss
@@ -203,7 +209,7 @@ class DistillStage(Stage):
             batch = adapter.collate(processor, rows)
             with _capture(_unwrap(model), stacks, keep, want_hidden, want_attention) as got:
                 out = adapter.train_outputs(model, batch)
-            need_teacher = w.logits > 0 or want_hidden or want_attention
+            need_teacher = w.logits > 0 or w.embedding > 0 or want_hidden or want_attention
             if need_teacher:
                 with torch.no_grad(), _capture(ctx.teacher, stacks, keep, want_hidden, want_attention) as want:
                     teacher = adapter.train_outputs(ctx.teacher, batch)
@@ -212,6 +218,8 @@ class DistillStage(Stage):
                 terms["task"] = w.task * out.loss
             if w.logits > 0:
                 terms["logits"] = w.logits * logit_distillation(out.logits, teacher.logits, w.temperature)
+            if w.embedding > 0:
+                terms["embedding"] = w.embedding * embedding_distance(out.embeddings, teacher.embeddings)
             if want_hidden:
                 terms["hidden"] = w.hidden * sum(hidden_mse(got[c]["hidden"], want[c]["hidden"], maps[c])
                                                  for c in keep) / len(keep)
