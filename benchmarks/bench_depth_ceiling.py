@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text-layers", type=int, default=None, help="text layers of the from-scratch variant")
     parser.add_argument("--vision-layers", type=int, default=None, help="vision layers of the from-scratch variant")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the teacher's 2,000)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from vlmcompress import zoo
@@ -37,7 +38,8 @@ def main() -> None:
 
     teacher, processor = load_model("shapes-clip")
     base = zoo.ZOO["shapes-clip"]
-    changes = {k: v for k, v in (("text_layers", args.text_layers), ("vision_layers", args.vision_layers)) if v}
+    asked = (("text_layers", args.text_layers), ("vision_layers", args.vision_layers), ("steps", args.steps))
+    changes = {k: v for k, v in asked if v}
     variant = dataclasses.replace(base, **changes)
     rows = [{"model": "shapes-clip teacher", "recipe": dataclasses.asdict(base), "params": count_params(teacher)}
             | shapes_recall(teacher, processor)]

@@ -23,6 +23,10 @@ from .modeling import modeling_vlmcompress as model_mod
 from .modeling.spec import FORMAT_VERSION, CheckpointRecord, QuantizationSpec, TokenReductionSpec, token_reduction
 from .versions import library_versions  # noqa: F401  (part of this module's interface)
 
+# the blocks a compressed checkpoint's config carries (configuration_vlmcompress.py): the pruning record, the token
+# reduction, the quantization; `auto_map` points at its code
+RECORD_KEY, REDUCTION_KEY, QUANTIZATION_KEY = RECORD_KEYS = ("vlmcompress", "token_reduction", "quantization")
+
 MODELING_DIR = Path(__file__).parent / "modeling"
 ENTRY_FILE = "modeling_vlmcompress.py"
 # the token-reduction algorithms' index; extended in a checkpoint whose algorithm is a plug-in (`modeling_files`)
@@ -107,11 +111,11 @@ def to_compressed(model: nn.Module, compression: dict[str, Any], adapter, base_m
     record = CheckpointRecord(format_version=FORMAT_VERSION, base_model=base_model,
                               param_shapes=compression["param_shapes"], module_attrs=compression["module_attrs"],
                               **per_layer_summary(adapter, model), versions=library_versions())
-    data["vlmcompress"] = record.to_dict()
+    data[RECORD_KEY] = record.to_dict()
     reduction = TokenReductionSpec.read(compression.get("token_reduction"))
     quantization = QuantizationSpec.read(compression.get("quantization"))
-    data["token_reduction"] = None if reduction is None else reduction.to_dict()
-    data["quantization"] = None if quantization is None else quantization.to_dict()
+    data[REDUCTION_KEY] = None if reduction is None else reduction.to_dict()
+    data[QUANTIZATION_KEY] = None if quantization is None else quantization.to_dict()
     config = config_cls.from_dict(data)
     config.architectures = [model_cls.__name__]
     config.auto_map = {"AutoConfig": f"configuration_vlmcompress.{config_cls.__name__}"}
@@ -151,10 +155,10 @@ def compression_record(model: nn.Module) -> dict[str, Any]:
     """The pruning record, token-reduction and quantization blocks of a model (empty for an uncompressed model), so
     that compressing a compressed checkpoint further, or resuming from a stage checkpoint, keeps what was done
     before."""
-    record = getattr(model.config, "vlmcompress", None) or {}
+    record = getattr(model.config, RECORD_KEY, None) or {}
     return {"param_shapes": dict(record.get("param_shapes", {})), "module_attrs": dict(record.get("module_attrs", {})),
-            "token_reduction": getattr(model.config, "token_reduction", None),
-            "quantization": getattr(model.config, "quantization", None)}
+            "token_reduction": getattr(model.config, REDUCTION_KEY, None),
+            "quantization": getattr(model.config, QUANTIZATION_KEY, None)}
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, *, recipe_yaml: str | None = None,

@@ -153,14 +153,12 @@ def _load_folder(name: str, dtype: str, trust_remote_code: bool, meta: bool) -> 
     return model.eval(), (None if meta else _load_processor(name))
 
 
-# the blocks a compressed checkpoint's config carries (configuration_vlmcompress.py); `auto_map` points at its code
-RECORD_KEYS = ("vlmcompress", "token_reduction", "quantization")
-
-
 def _drop_stale_records(config, name: str, cls: type) -> list[str]:
     """A compressed checkpoint loaded with a stock class and saved again keeps the compressed config's blocks, but the
     stock class applied none of them (token reduction off, no record of pruning): they describe the checkpoint it came
     from, not these weights. Compressing it further must not carry them over, so they are dropped, with one line."""
+    from .checkpoint import RECORD_KEYS
+
     stale = [key for key in RECORD_KEYS if getattr(config, key, None) is not None]
     if not stale:
         return []
