@@ -37,14 +37,14 @@ DISTILL_LOSS = {"task": 1.0, "logits": 1.0, "hidden": 1.0, "temperature": 2.0}
 
 
 def recipe(model: str, student: dict | None, steps: int, finetune_steps: int, out: Path, lr: float = 3e-4,
-           loss: dict | None = None, train: dict | None = None) -> dict:
+           loss: dict | None = None, train: dict | None = None, extra: dict | None = None) -> dict:
     eval_size = 2000 if model == "shapes-clip" else 300
     stages = []
     if student is not None:
         stages.append({"method": "distill", "student": student,
                        "loss": DISTILL_LOSS | (loss or {}),
                        "train": {"steps": steps, "batch_size": 64 if model == "shapes-clip" else 16,
-                                 "lr": lr, "warmup": 0.05} | (train or {})})
+                                 "lr": lr, "warmup": 0.05} | (train or {})} | (extra or {}))
     if finetune_steps:
         stages.append({"method": "finetune", "teacher": "original",
                        "loss": {"task": 1.0, "logits": 4.0, "temperature": 4.0},
@@ -88,13 +88,14 @@ def students(args) -> dict:
         out = work / name.replace(" ", "_")
         loss = json.loads(args.loss) if args.loss else None
         train = json.loads(args.train) if args.train else None
+        extra = json.loads(args.distill) if args.distill else None
         model = vlmcompress.apply(recipe(args.model, student, args.steps, args.finetune_steps, out, args.lr, loss,
-                                         train),
+                                         train, extra),
                                   overwrite=True, progress=False)
         report = model.vlmcompress_report
         distill, finetune = report["stages"][0], report["stages"][-1]
         row = {"student": name, "spec": student, "params": report["params_after"], "distill_loss": DISTILL_LOSS | (loss or {}),
-               "distill_train": train,
+               "distill_train": train, "distill_extra": extra,
                "distill_steps": args.steps, "finetune_steps": args.finetune_steps, "distill_lr": args.lr,
                "distill_seconds": distill["details"]["seconds"], "finetune_seconds": finetune["details"]["seconds"] if args.finetune_steps else 0.0,
                "distill_samples_per_s": distill["details"]["samples_per_s"],
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--loss", default=None, help='distill loss weights over the default, as JSON: \'{"hidden": 0}\'')
     parser.add_argument("--train", default=None, help='distill train settings over the default, as JSON: '
                                                           '\'{"batch_size": 128}\'')
+    parser.add_argument("--distill", default=None, help='more keys of the distill stage, as JSON: '
+                                                            '\'{"lr_scale": {"text": 3}}\'')
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

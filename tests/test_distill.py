@@ -122,12 +122,31 @@ def test_a_distilled_student_trains_and_reloads_with_stock_transformers(tmp_path
         torch.testing.assert_close(again.get_image_features(pixel_values=pixels).pooler_output, want)
 
 
+def test_lr_scale_sets_a_components_learning_rate(tmp_path):
+    """text at 1e-6 × lr barely moves while vision, at lr, moves: the multiplier reaches the optimizer."""
+    from vlmcompress.models import load_model
+
+    teacher = load_model("shapes-clip-small")[0]
+    stage = recipe(tmp_path / "out", {"vision": [0, 1]}, steps=4)
+    stage["stages"][0]["lr_scale"] = {"text": 1e-6}
+    model = vlmcompress.apply(stage, progress=False)
+    assert model.vlmcompress_report["stages"][0]["details"]["lr_scale"] == {"text": 1e-6}
+    before, after = teacher.state_dict(), model.state_dict()
+
+    def moved(prefix):
+        return max((after[k] - before[k]).abs().max().item() for k in after if k.startswith(prefix))
+
+    assert moved("text_model.") < 1e-5 < 1e-4 < moved("vision_model."), (moved("text_model."), moved("vision_model."))
+
+
 @pytest.mark.parametrize("student,fragments", [
     ("{vision: [0, 5]}", ["distill.student.vision", "0 … 1"]),
     ("{vision: [0, 0]}", ["distill.student.vision", "distinct"]),
     ("{llm: 1}", ["distill.student.llm", "no llm layers", "vision, text"]),
     ("{vision: 3}", ["distill.student.vision", "3 layers asked", "the teacher has 2"]),
     ("{vision: 1}\n    loss: {embedding: 1}\n", ["distill.loss.embedding", "llava", "clip and siglip"]),
+    ("{vision: 1}\n    lr_scale: {qformer: 2}\n", ["distill.lr_scale.qformer", "no qformer", "vision, text"]),
+    ("{vision: 1}\n    lr_scale: {text: 0}\n", ["lr_scale {'text': 0.0} must be > 0"]),
 ])
 def test_bad_students_are_one_line(tmp_path, student, fragments):
     path = tmp_path / "recipe.yaml"

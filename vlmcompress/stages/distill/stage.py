@@ -50,12 +50,18 @@ class DistillConfig(StageConfig):
         default_factory=dict, description="per component, the teacher hidden-state index (0 = embeddings) each "
                                           "student hidden state matches; default: i · L_teacher / L_student")
     loss: DistillLoss = Field(default_factory=DistillLoss)
+    lr_scale: dict[Component, float] = Field(
+        default_factory=dict, description="per component, a multiplier of train.lr for its parameters (e.g. {text: "
+                                          "3}: the tower that loses most layers has most to relearn); default 1")
     train: TrainConfig
 
     @model_validator(mode="after")
     def _student(self):
         if not self.student:
             raise ValueError("student names no component; e.g. student: {vision: 2}")
+        bad = {c: v for c, v in self.lr_scale.items() if not v > 0}
+        if bad:
+            raise ValueError(f"lr_scale {bad} must be > 0 (a multiplier of train.lr); e.g. lr_scale: {{text: 3}}")
         return self
 
 
@@ -107,6 +113,10 @@ class DistillStage(Stage):
         keep = self.keep(model, adapter)
         self.maps(model, adapter, keep)
         self._check_reloads(model, adapter, keep)
+        for component in self.config.lr_scale:
+            if component not in adapter.component_paths:
+                raise VlmCompressError(f"distill.lr_scale.{component}: the {adapter.family} family has no {component}; "
+                                       f"allowed: {', '.join(adapter.component_paths)}")
         for component in self.config.layer_map:
             if component not in keep:
                 raise VlmCompressError(f"distill.layer_map.{component}: {component} is not in student; add it there")
@@ -178,10 +188,9 @@ class DistillStage(Stage):
         previous = _set_eager(model, ctx.teacher) if eager else None
         try:
             loss_fn = self._loss_fn(ctx, stacks, keep, maps, attention_maps)
-            frozen = key_biases(model, adapter)
+            groups = self._param_groups(model, adapter, key_biases(model, adapter))
             trainer = Trainer(ctx, self.config.train, name="distill", model=model, loss_fn=loss_fn,
-                              param_groups=[ParamGroup("student", {
-                                  n: p for n, p in model.named_parameters() if n not in frozen})],
+                              param_groups=[ParamGroup(name, params, lr=lr) for name, (params, lr) in groups.items()],
                               progress=ctx.progress)
             details = trainer.fit()
         finally:
@@ -192,9 +201,22 @@ class DistillStage(Stage):
         details |= {"student": {c: {"teacher_layers": k, "layers": len(k), "of": teacher_depth[c]}
                                 for c, k in keep.items()},
                     "layer_map": maps, "attention_map": attention_maps if eager else None,
+                    "lr_scale": dict(self.config.lr_scale),
                     "loss": self.config.loss.model_dump()}
         return StageReport(method="distill", matched=[stacks[c].layers_path for c in keep],
                            params_before=params_before, params_after=count_params(model), details=details)
+
+    def _param_groups(self, model, adapter, frozen: set[str]) -> dict[str, tuple[dict, float | None]]:
+        """`{name: (parameters, peak lr)}`: each component of `lr_scale` at its multiple of train.lr, the rest
+        ("student") at train.lr; `frozen` names are left out."""
+        prefixes = {c: adapter.component_paths[c] + "." for c in self.config.lr_scale}
+        groups: dict[str, dict] = {"student": {}} | {c: {} for c in prefixes}
+        for n, p in model.named_parameters():
+            if n not in frozen:
+                groups[next((c for c, pre in prefixes.items() if n.startswith(pre)), "student")][n] = p
+        lr = self.config.train.lr
+        return {name: (params, None if name == "student" else lr * self.config.lr_scale[name])
+                for name, params in groups.items()}
 
     def _loss_fn(self, ctx, stacks, keep, maps, attention_maps):
         from ...train.losses import attention_mse, embedding_distance, hidden_mse, logit_distillation
