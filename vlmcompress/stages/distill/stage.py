@@ -158,6 +158,9 @@ class DistillStage(Stage):
                            for c, k in keep.items()},
                "layer_map": self.maps(model, adapter, keep), "loss": self.config.loss.model_dump(),
                "steps": self.config.train.steps, "epochs": self.config.train.epochs}
+        if self.config.lr_scale:
+            out["lr"] = {"student": self.config.train.lr} | {c: self.config.train.lr * k
+                                                             for c, k in self.config.lr_scale.items()}
         kept_params = 0
         for c, k in keep.items():
             layers = model.get_submodule(stacks[c].layers_path)
