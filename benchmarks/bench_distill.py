@@ -97,7 +97,8 @@ def students(args) -> dict:
         row = {"student": name, "spec": student, "params": report["params_after"], "distill_loss": DISTILL_LOSS | (loss or {}),
                "distill_train": train, "distill_extra": extra,
                "distill_steps": args.steps, "finetune_steps": args.finetune_steps, "distill_lr": args.lr,
-               "distill_seconds": distill["details"]["seconds"], "finetune_seconds": finetune["details"]["seconds"] if args.finetune_steps else 0.0,
+               "distill_seconds": distill["details"]["seconds"],
+               "finetune_seconds": finetune["details"]["seconds"] if args.finetune_steps else 0.0,
                "distill_samples_per_s": distill["details"]["samples_per_s"],
                "vision_gflops": distill["details"].get("speed", {}).get("after", {}).get("gflops_per_sample")}
         if args.model == "shapes-clip":

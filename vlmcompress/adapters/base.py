@@ -114,7 +114,7 @@ class ModelAdapter:
     builtin_name: ClassVar[str]  # the tiny random-init model, e.g. "tiny-clip"
     component_paths: ClassVar[dict[str, str]]
     # True where `train_outputs` fills `embeddings` (a shared image-text embedding space: distill's embedding term)
-    embeds_pairs: ClassVar[bool] = False
+    shared_embeddings: ClassVar[bool] = False
 
     def components(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: get_submodule(model, path) for name, path in self.component_paths.items()}

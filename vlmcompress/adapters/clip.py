@@ -40,7 +40,7 @@ class CLIPAdapter(ModelAdapter):
     stock_classes = ("CLIPModel",)
     builtin_name = "tiny-clip"
     component_paths = {"vision": "vision_model", "text": "text_model"}
-    embeds_pairs = True
+    shared_embeddings = True
 
     def attention_units(self, model):
         va, _ = _layers_units(model, "vision", "vision_model.encoder.layers", "self_attn", None, "separate")

@@ -3,7 +3,8 @@ the frozen teacher (EfficientVLM's first stage, methods.md §6b) on the shared t
 
 Loss: `task` × the family's task loss + `logits` × KL to the teacher's logits at `temperature` + `hidden` × MSE of
 hidden states through the layer map + `attention` × MSE of attention maps (eager attention, only when its weight is
-> 0) + `embedding` × squared distance of the unit embeddings (dual encoders). Hidden states and attention maps are read by forward hooks on the layer stacks, so every family works alike.
+> 0) + `embedding` × squared distance of the unit embeddings (dual encoders). Hidden states and attention maps are
+read by forward hooks on the layer stacks, so every family works alike.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class DistillStage(Stage):
         for component in self.config.layer_map:
             if component not in keep:
                 raise VlmCompressError(f"distill.layer_map.{component}: {component} is not in student; add it there")
-        if self.config.loss.embedding > 0 and not adapter.embeds_pairs:
+        if self.config.loss.embedding > 0 and not adapter.shared_embeddings:
             raise VlmCompressError(f"distill.loss.embedding: the {adapter.family} family has no shared image-text "
                                    "embedding space to distil (clip and siglip have); set embedding: 0")
         if self.config.loss.attention > 0:
