@@ -162,6 +162,29 @@ def test_bad_students_are_one_line(tmp_path, student, fragments):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_dry_run_plan_shows_layers_maps_rates_and_parameters(tmp_path):
+    import re
+
+    from vlmcompress.models import load_model
+    from vlmcompress.stages.base import count_params
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: shapes-clip-small\noutput: {tmp_path / 'out'}\ndata:\n  train: {{builtin: shapes}}\n"
+                    "stages:\n  - method: distill\n    student: {vision: 1}\n    lr_scale: {text: 3}\n"
+                    "    train: {steps: 2, lr: 1.0e-3}\n")
+    result = runner.invoke(app, ["apply", str(path), "--dry-run"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    teacher = load_model("shapes-clip-small")[0]
+    dropped = sum(p.numel() for p in teacher.vision_model.encoder.layers[1].parameters())
+    text = " ".join(result.output.split())
+    assert "vision 1 of 2 layers: [0]" in text and "vision teacher hidden states [0, 2]" in text, text
+    assert "lr: student 0.001, text 0.003" in text, text
+    got = re.search(r"params: total ([\d,]+) → ([\d,]+)", text)
+    assert got and [int(g.replace(",", "")) for g in got.groups()] == [count_params(teacher),
+                                                                       count_params(teacher) - dropped], text
+    assert not (tmp_path / "out").exists()
+
+
 def test_distill_without_train_data_is_refused(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(f"model: shapes-clip-small\noutput: {tmp_path / 'out'}\nstages:\n  - method: distill\n"

@@ -157,7 +157,9 @@ class DistillStage(Stage):
         stacks = adapter.layer_stacks(model)
         out = {"student": {c: f"{len(k)} of {len(model.get_submodule(stacks[c].layers_path))} layers: {k}"
                            for c, k in keep.items()},
-               "layer_map": self.maps(model, adapter, keep), "loss": self.config.loss.model_dump(),
+               # as text: a two-entry map is a list of indices, not a "before → after" pair
+               "layer_map": {c: f"teacher hidden states {m}" for c, m in self.maps(model, adapter, keep).items()},
+               "loss": self.config.loss.model_dump(),
                "steps": self.config.train.steps, "epochs": self.config.train.epochs}
         if self.config.lr_scale:
             out["lr"] = {"student": self.config.train.lr} | {c: self.config.train.lr * k
@@ -167,7 +169,7 @@ class DistillStage(Stage):
             layers = model.get_submodule(stacks[c].layers_path)
             dropped = [i for i in range(len(layers)) if i not in k]
             kept_params += sum(p.numel() for i in dropped for p in layers[i].parameters())
-        out["params"] = [count_params(model), count_params(model) - kept_params]
+        out["params"] = {"total": [count_params(model), count_params(model) - kept_params]}
         return out
 
     def run(self, ctx: RunContext) -> StageReport:
