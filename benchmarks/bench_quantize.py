@@ -39,6 +39,7 @@ from common import vit_b16_clip, write_json
 from transformers import CLIPModel
 
 import vlmcompress
+from vlmcompress.adapters.base import pooled
 from vlmcompress.bench import machine_info
 
 TRAIN = {"builtin": "shapes", "split": "train", "size": 256}
@@ -147,8 +148,7 @@ def chosen_path(folder: Path) -> dict | None:
 
 def encode(model, pixels):
     with torch.inference_mode():
-        out = model.get_image_features(pixel_values=pixels)
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+        return pooled(model.get_image_features(pixel_values=pixels))
 
 
 def llava_prefill(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

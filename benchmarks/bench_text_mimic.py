@@ -27,10 +27,6 @@ sys.path.insert(0, str(ROOT))
 from common import shapes_recall, write_json  # noqa: E402
 
 
-def pooled(features):
-    return getattr(features, "pooler_output", features)  # transformers 5 returns an output object
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -40,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlmcompress.adapters import BUILTIN_TINY
+    from vlmcompress.adapters.base import pooled
     from vlmcompress.data import shapes
     from vlmcompress.measure.machine import machine_info
     from vlmcompress.models import load_model

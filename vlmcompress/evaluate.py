@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters.base import pooled
 from .data import shapes
 from .errors import VlmCompressError
 
@@ -31,16 +32,12 @@ def encode(model: nn.Module, processor: Any, images: list, texts: list[str], bat
     img, txt = [], []
     for i in range(0, len(images), batch_size):
         pixels = processor.image_processor(images=images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-        img.append(_features(model.get_image_features(pixel_values=pixels.to(model.dtype))))
+        img.append(pooled(model.get_image_features(pixel_values=pixels.to(model.dtype))))
     for i in range(0, len(texts), batch_size):
         batch = processor.tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt")
-        txt.append(_features(model.get_text_features(input_ids=batch["input_ids"],
+        txt.append(pooled(model.get_text_features(input_ids=batch["input_ids"],
                                                      attention_mask=batch["attention_mask"])))
     return F.normalize(torch.cat(img).float(), dim=-1), F.normalize(torch.cat(txt).float(), dim=-1)
-
-
-def _features(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def _chance_recall(matches: int, n: int, k: int) -> float:

@@ -65,6 +65,12 @@ class TrainOutputs:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def pooled(features) -> torch.Tensor:
+    """`get_image_features` / `get_text_features` as a tensor `[B, D]`: transformers 5 returns an output object
+    whose `pooler_output` holds it, earlier versions the tensor itself."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
 def same_text_mask(texts: list[str]) -> torch.Tensor:
     """`[B, B]` bool: True where two rows of a batch have the same caption (they are not each other's negatives)."""
     return torch.tensor([[a == b for b in texts] for a in texts])

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.base import pooled
 from ..errors import UnsupportedModelError, VlmCompressError
 from ..modeling.llava_tokens import feature_select_strategy
 from ..modeling.spec import token_reduction
@@ -26,10 +27,6 @@ GRAPH_COMPONENTS = {"clip": {"image_encoder": ("vision",), "text_encoder": ("tex
 FAMILIES = tuple(GRAPH_COMPONENTS)
 
 
-def _pooled(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 class ImageEncoder(nn.Module):
     """`get_image_features` of a dual encoder: `[B, 3, H, W]` pixels → `[B, D]` image embeddings (not normalised)."""
 
@@ -38,7 +35,7 @@ class ImageEncoder(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+        return pooled(self.model.get_image_features(pixel_values=pixel_values))
 
 
 class TextEncoder(nn.Module):
@@ -49,7 +46,7 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        return pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
 class DualEncoder(nn.Module):
