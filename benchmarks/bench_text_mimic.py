@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    from vlmcompress import zoo
     from vlmcompress.adapters import BUILTIN_TINY
     from vlmcompress.adapters.base import pooled
     from vlmcompress.data import shapes
@@ -52,11 +52,10 @@ def main() -> None:
                if n.startswith(("text_model.", "text_projection."))]
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng, config = np.random.default_rng(123), shapes.ShapesConfig()
-    warm = max(1, int(0.05 * args.steps))
     start, trace = time.perf_counter(), []
     for step in range(args.steps):
-        for group in opt.param_groups:  # the teacher's schedule: linear warm-up, cosine to 0
-            group["lr"] = args.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:  # the teacher's schedule
+            group["lr"] = args.lr * zoo.lr_factor(step, args.steps, 0.05)
         texts = [shapes.caption(shapes.sample_scene(rng, config)) for _ in range(args.batch_size)]
         tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
         with torch.no_grad():

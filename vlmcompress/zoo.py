@@ -161,13 +161,18 @@ def build_clip(recipe: ClipRecipe) -> nn.Module:
     return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=recipe.projection_dim))
 
 
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The teachers' learning-rate multiplier at step `step` (0-based) of `steps`: linear warm-up over the first
+    `warmup` fraction, then cosine decay to 0 (the shipped weights were trained with exactly this expression)."""
+    warm = max(1, int(warmup * steps))
+    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
+
+
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, recipe, config: shapes.ShapesConfig,
                 loss_fn: Callable[[list[dict]], torch.Tensor], on_step: Callable[[int, float], None] | None) -> None:
     """`recipe.steps` steps on freshly generated train examples (step i sees examples i·B … (i+1)·B - 1):
     linear warm-up then cosine decay of every group's learning rate, gradient clipping at 1."""
-    warm = max(1, int(recipe.warmup * recipe.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
-                                                 (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, recipe.warmup))
     source = DataSource(builtin="shapes", split="train")
     stream = batches(source, config.image_size, recipe.seed, recipe.steps * recipe.batch_size, recipe.batch_size)
     for step, rows in enumerate(stream):

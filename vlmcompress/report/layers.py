@@ -90,17 +90,17 @@ def unpruned_sizes(folder) -> dict[str, dict[str, list[int]]]:
     import json
 
     import torch
-    import transformers
 
     from ..checkpoint import compressed_classes, register_classes
     from ..modeling.modeling_vlmcompress import COMPRESSED_CLASSES
 
-    entry = compressed_classes(json.loads((folder / "config.json").read_text()))
-    stock, (_, config_cls, _) = next((k, v) for k, v in COMPRESSED_CLASSES.items() if v == entry)
+    model_cls, config_cls, _ = compressed_classes(json.loads((folder / "config.json").read_text()))
+    # the compressed classes subclass the stock ones, whose names key COMPRESSED_CLASSES
+    stock_cls = next(c for c in model_cls.__mro__ if c.__name__ in COMPRESSED_CLASSES)
     register_classes()
     config = config_cls.from_pretrained(folder)
     with torch.device("meta"):
-        model = getattr(transformers, stock)._from_config(config)
+        model = stock_cls._from_config(config)
     return model_sizes(model)
 
 
