@@ -47,7 +47,7 @@ $PY benchmarks/bench_onnx_int8_layout.py --size 1000 --json $R/onnx_int8_layout.
 timed $PY benchmarks/bench_cli_import.py --json $R/cli_import.json
 
 # training (#14, #15): finetune, precision, the distilled students and what was tried for the half + half row.
-# About 3 more hours; the minutes these rows report are only meaningful on a quiet machine.
+# About 4 more hours; the minutes these rows report are only meaningful on a quiet machine.
 export OMP_WAIT_POLICY=PASSIVE
 D=benchmarks/bench_distill.py
 timed $PY benchmarks/bench_train_precision.py --json $R/train_precision.json
@@ -56,6 +56,9 @@ timed $PY $D --model shapes-clip --steps 2000 --lr 1e-3 --students "half vision"
 timed $PY $D --model shapes-clip --steps 1050 --lr 2e-3 --students "half vision + half text" \
     --train '{"batch_size":128,"weight_decay":0.05}' --loss '{"logits":0,"hidden":0}' \
     --json $R/distill_shapes_clip_1050_vt_taskonly.json
+timed $PY $D --model shapes-clip --steps 3800 --finetune-steps 0 --lr 2e-3 --students "half vision + half text" \
+    --train '{"batch_size":128,"weight_decay":0.05}' --loss '{"logits":0,"hidden":0}' \
+    --json $R/distill_shapes_clip_3800_vt_taskonly.json
 timed $PY $D --model shapes-llava --steps 150 --json $R/distill_shapes_llava.json
 timed $PY $D --throughput --json $R/distill_throughput.json
 $PY benchmarks/bench_depth_ceiling.py --text-layers 1 --vision-layers 2 --steps 1000 --json $R/depth_ceiling_v2t1_1000.json
