@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import shapes_recall, write_json  # noqa: E402
 
+BATCH_SIZE, LR = 128, 2e-3
 VARIANTS = ("abrupt", "fade", "locked-image", "hard-negatives", "logit-scale")
 
 
@@ -62,18 +63,21 @@ def fade_hook(state: dict):
 
 
 def contrastive(model, processor, rows, rng: random.Random | None) -> torch.Tensor:
-    """CLIP's symmetric loss (equal captions masked out of each other's negatives); with `rng`, an attribute-swapped
-    negative caption per image joins the image-to-text side."""
+    """distill's task loss (CLIP's symmetric loss, equal captions masked out of each other's negatives); with `rng`,
+    an attribute-swapped negative caption per image joins the image-to-text side."""
     from vlmcompress.adapters.base import same_text_mask
+    from vlmcompress.adapters.clip import clip_train_outputs, dual_encoder_batch
 
+    if rng is None:
+        return clip_train_outputs(model, dual_encoder_batch(processor, rows, padding=True)).loss
     texts = [r["text"] for r in rows]
-    extra = [attribute_swapped(t, rng) for t in texts] if rng else []
+    extra = [attribute_swapped(t, rng) for t in texts]
     batch = processor(text=texts + extra, images=[r["image"] for r in rows], padding=True, return_tensors="pt")
     out = model(**batch)
     n = len(rows)
-    same = same_text_mask(texts + extra)[:n] & ~torch.eye(n, n + len(extra), dtype=torch.bool)
-    scale = model.logit_scale.exp()
-    image_to_text = (scale * out.image_embeds @ out.text_embeds.t()).masked_fill(same, -1e4)  # [n, n + extra]
+    same = same_text_mask(texts + extra)[:n] & ~torch.eye(n, 2 * n, dtype=torch.bool)
+    image_to_text = model.logit_scale.exp() * out.image_embeds @ out.text_embeds.t()  # [n, 2n]
+    image_to_text = image_to_text.masked_fill(same, -1e4)
     labels = torch.arange(n)
     return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(image_to_text[:, :n].t(), labels)) / 2
 
@@ -86,7 +90,7 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0) -> d
     from vlmcompress.train import TrainConfig
     from vlmcompress.train.trainer import no_decay
 
-    cfg = TrainConfig(steps=steps, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=0.05)
+    cfg = TrainConfig(steps=steps, batch_size=BATCH_SIZE, lr=LR, weight_decay=0.05, warmup=0.05)
     torch.manual_seed(seed)
     model = copy.deepcopy(teacher).train()
     stacks = BUILTIN_TINY["tiny-clip"].layer_stacks(model)
@@ -107,11 +111,13 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0) -> d
         p.requires_grad_(True)
     if name == "locked-image":
         model.vision_model.eval()
-    opt = torch.optim.AdamW([{"params": [p for n, p in trained if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
+    opt = torch.optim.AdamW([{"params": [p for n, p in trained if not no_decay(n, p)],
+                              "weight_decay": cfg.weight_decay},
                              {"params": [p for n, p in trained if no_decay(n, p)], "weight_decay": 0.0}], lr=cfg.lr)
     fade_steps, rng = max(1, steps // 2), random.Random(seed) if name == "hard-negatives" else None
     start, trace = time.perf_counter(), []
-    for step, rows in enumerate(batches(DataSource(builtin="shapes", split="train"), 80, seed, steps * 128, 128)):
+    for step, rows in enumerate(batches(DataSource(builtin="shapes", split="train"), 80, seed, steps * cfg.batch_size,
+                                          cfg.batch_size)):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cfg.lr_factor(step, steps)
         if name == "fade":
@@ -150,7 +156,7 @@ def main() -> None:
         rows[-1]["of_teacher"] = round(rows[-1]["recall@1"] / rows[0]["recall@1"], 4)
         print({k: v for k, v in rows[-1].items() if k != "loss_trace"}, flush=True)
     write_json({"machine": machine_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
-                "command": " ".join(sys.argv), "steps": args.steps, "batch_size": 128, "lr": 2e-3,
+                "command": " ".join(sys.argv), "steps": args.steps, "batch_size": BATCH_SIZE, "lr": LR,
                 "threads": torch.get_num_threads(), "rows": rows}, args.json)
 
 
