@@ -16,6 +16,13 @@ norms, linear warm-up then cosine, gradient clipping at 1) at batch 128, lr 2e-3
 - `hard-negatives`: each image also sees its caption with one colour, shape or size word changed as a negative
   (NegCLIP-style; the shapes captions' attribute words)
 - `logit-scale`: the student's logit scale reset to CLIP's initial 1 / 0.07 (the teacher's is about 62)
+- `text-reinit`: the one kept text layer re-initialised (a freshly seeded model's layer), everything else from the
+  teacher: is the teacher's layer 0 a worse start for a one-layer tower than random weights?
+- `mimic-init`: before the joint training, 200 text-only steps (256 captions each, about a minute) pull the
+  one-layer text tower onto the teacher's unit text embeddings (`bench_text_mimic.py`), so the joint training
+  starts from the text function closest to the teacher's that one layer holds
+
+`--eval-every N` adds R@1 on 1,000 test pairs every N steps (`recall_trace`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from common import shapes_recall, write_json  # noqa: E402
 
 BATCH_SIZE, LR = 128, 2e-3
-VARIANTS = ("abrupt", "fade", "locked-image", "hard-negatives", "logit-scale")
+VARIANTS = ("abrupt", "fade", "locked-image", "hard-negatives", "logit-scale", "text-reinit", "mimic-init")
 
 
 def attribute_swapped(caption: str, rng: random.Random) -> str:
@@ -82,7 +89,7 @@ def contrastive(model, processor, rows, rng: random.Random | None) -> torch.Tens
     return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(image_to_text[:, :n].t(), labels)) / 2
 
 
-def train_variant(name: str, teacher, processor, steps: int, seed: int = 0) -> dict:
+def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval_every: int | None = None) -> dict:
     from vlmcompress.adapters import BUILTIN_TINY
     from vlmcompress.data import batches
     from vlmcompress.data.schema import DataSource
@@ -101,6 +108,14 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0) -> d
         model.text_model.encoder.layers[1].register_forward_hook(fade_hook(fade), with_kwargs=True)
     else:
         keep_layers(model, stacks["text"], [0])
+    if name == "text-reinit":
+        torch.manual_seed(seed + 1)
+        fresh = type(model)(copy.deepcopy(model.config))
+        model.text_model.encoder.layers[0].load_state_dict(fresh.text_model.encoder.layers[0].state_dict())
+    if name == "mimic-init":
+        from bench_text_mimic import mimic_text
+
+        mimic_text(model, teacher, processor, 200, 256, LR, log=False)
     if name == "logit-scale":
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / 0.07))
@@ -115,7 +130,7 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0) -> d
                               "weight_decay": cfg.weight_decay},
                              {"params": [p for n, p in trained if no_decay(n, p)], "weight_decay": 0.0}], lr=cfg.lr)
     fade_steps, rng = max(1, steps // 2), random.Random(seed) if name == "hard-negatives" else None
-    start, trace = time.perf_counter(), []
+    start, trace, recall_trace = time.perf_counter(), [], []
     for step, rows in enumerate(batches(DataSource(builtin="shapes", split="train"), 80, seed, steps * cfg.batch_size,
                                           cfg.batch_size)):
         for group in opt.param_groups:
@@ -131,16 +146,24 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0) -> d
         opt.step()
         if (step + 1) % 50 == 0:
             trace.append({"step": step + 1, "loss": round(loss.item(), 4)})
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            model.eval()
+            recall_trace.append({"step": step + 1, "recall@1": shapes_recall(model, processor, 1000)["recall@1"]})
+            print(name, recall_trace[-1], flush=True)
+            model.train()
+            if name == "locked-image":
+                model.vision_model.eval()
     model.eval()
     layers = {c: len(model.get_submodule(s.layers_path)) for c, s in stacks.items()}
     return {"variant": name, "layers": layers, "minutes": round((time.perf_counter() - start) / 60, 1),
-            "loss_trace": trace} | shapes_recall(model, processor)
+            "loss_trace": trace, "recall_trace": recall_trace} | shapes_recall(model, processor)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--eval-every", type=int, default=None, help="R@1 on 1,000 test pairs every N steps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from vlmcompress.measure.machine import machine_info
@@ -152,9 +175,9 @@ def main() -> None:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             sys.exit(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}")
-        rows.append(train_variant(name, teacher, processor, args.steps))
+        rows.append(train_variant(name, teacher, processor, args.steps, eval_every=args.eval_every))
         rows[-1]["of_teacher"] = round(rows[-1]["recall@1"] / rows[0]["recall@1"], 4)
-        print({k: v for k, v in rows[-1].items() if k != "loss_trace"}, flush=True)
+        print({k: v for k, v in rows[-1].items() if k not in ("loss_trace", "recall_trace")}, flush=True)
     write_json({"machine": machine_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
                 "command": " ".join(sys.argv), "steps": args.steps, "batch_size": BATCH_SIZE, "lr": LR,
                 "threads": torch.get_num_threads(), "rows": rows}, args.json)

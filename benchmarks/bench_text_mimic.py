@@ -26,37 +26,23 @@ sys.path.insert(0, str(ROOT))
 from common import shapes_recall, write_json  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-
+def mimic_text(student, teacher, processor, steps: int, batch_size: int, lr: float, log: bool = True) -> list[dict]:
+    """Train `student`'s text tower and text projection on captions alone (fresh `shapes` captions, batch
+    `batch_size`) to the teacher's unit text embeddings, with the teacher's schedule; returns the distance trace."""
     from vlmcompress import zoo
-    from vlmcompress.adapters import BUILTIN_TINY
     from vlmcompress.adapters.base import pooled
     from vlmcompress.data import shapes
-    from vlmcompress.measure.machine import machine_info
-    from vlmcompress.models import load_model
-    from vlmcompress.stages.distill.student import keep_layers
     from vlmcompress.train.losses import embedding_distance
 
-    torch.manual_seed(0)
-    teacher, processor = load_model("shapes-clip")
-    teacher.requires_grad_(False)
-    student = copy.deepcopy(teacher)
-    keep_layers(student, BUILTIN_TINY["tiny-clip"].layer_stacks(student)["text"], [0])
     trained = [p.requires_grad_(True) for n, p in student.named_parameters()
                if n.startswith(("text_model.", "text_projection."))]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng, config = np.random.default_rng(123), shapes.ShapesConfig()
-    start, trace = time.perf_counter(), []
-    for step in range(args.steps):
+    trace = []
+    for step in range(steps):
         for group in opt.param_groups:  # the teacher's schedule
-            group["lr"] = args.lr * zoo.lr_factor(step, args.steps, 0.05)
-        texts = [shapes.caption(shapes.sample_scene(rng, config)) for _ in range(args.batch_size)]
+            group["lr"] = lr * zoo.lr_factor(step, steps, 0.05)
+        texts = [shapes.caption(shapes.sample_scene(rng, config)) for _ in range(batch_size)]
         tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
         with torch.no_grad():
             want = pooled(teacher.get_text_features(**tokens))
@@ -67,7 +53,31 @@ def main() -> None:
         opt.step()
         if (step + 1) % 100 == 0:
             trace.append({"step": step + 1, "distance": round(loss.item(), 4)})
-            print(json.dumps(trace[-1]), flush=True)
+            if log:
+                print(json.dumps(trace[-1]), flush=True)
+    return trace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from vlmcompress.adapters import BUILTIN_TINY
+    from vlmcompress.measure.machine import machine_info
+    from vlmcompress.models import load_model
+    from vlmcompress.stages.distill.student import keep_layers
+
+    torch.manual_seed(0)
+    teacher, processor = load_model("shapes-clip")
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    keep_layers(student, BUILTIN_TINY["tiny-clip"].layer_stacks(student)["text"], [0])
+    start = time.perf_counter()
+    trace = mimic_text(student, teacher, processor, args.steps, args.batch_size, args.lr)
     student.eval()
     rows = [{"model": "teacher"} | shapes_recall(teacher, processor),
             {"model": "teacher vision + 1-layer text mimicking the teacher's text embeddings",

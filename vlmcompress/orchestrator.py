@@ -65,6 +65,10 @@ def build_stages(recipe: Recipe) -> list[Stage]:
                 f"stages[{i}] ({stage.config.method}).train.gradient_checkpointing: token reduction runs before it, "
                 "and its layers keep per-forward state that recomputing a layer in backward would replay wrongly; "
                 "set gradient_checkpointing: false")
+        if getattr(train, "patch_dropout", 0) and any(s.reduces_tokens for s in stages[:i]):
+            raise StageOrderError(
+                f"stages[{i}] ({stage.config.method}).train.patch_dropout: token reduction runs before it and "
+                "expects every patch token; set patch_dropout: 0, or move token_reduce after this stage")
         if stage.trains and recipe.data is not None and _same_source(recipe.data.train, recipe.data.eval):
             raise StageOrderError(
                 f"stages[{i}] ({stage.config.method}) trains on data.train, which is the same data as data.eval "

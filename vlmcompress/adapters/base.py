@@ -121,6 +121,9 @@ class ModelAdapter:
     component_paths: ClassVar[dict[str, str]]
     # True where `train_outputs` fills `embeddings` (a shared image-text embedding space: distill's embedding term)
     shared_embeddings: ClassVar[bool] = False
+    # True where the vision tower's output may have any number of tokens (pooled, or read by cross-attention), so
+    # training may drop patches (train.patch_dropout); LLaVA's projector fills a fixed number of image-token slots
+    variable_vision_tokens: ClassVar[bool] = True
 
     def components(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: get_submodule(model, path) for name, path in self.component_paths.items()}

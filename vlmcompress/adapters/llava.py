@@ -31,6 +31,7 @@ class LlavaAdapter(ModelAdapter):
     builtin_name = "tiny-llava"
     component_paths = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
                        "llm": "model.language_model"}
+    variable_vision_tokens = False  # each image fills a fixed number of <image> slots in the prompt
 
     def attention_units(self, model):
         units, _ = _layers_units(model, "vision", VISION_LAYERS, "self_attn", None, "separate")

@@ -31,6 +31,9 @@ class TrainConfig(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast precision; bf16 runs on CPUs (faster only with AMX), fp16 needs a GPU")
+    patch_dropout: float = Field(0.0, ge=0, lt=1, description="fraction of each training image's patch tokens "
+                                 "dropped at random before the first vision layer (PatchDropout / FLIP): cheaper steps; "
+                                 "evaluation and the saved model see every patch")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     eval_every: PositiveInt | None = Field(None, description="evaluate on data.eval every N steps and keep the best "
                                                              "step by the family's main metric")
@@ -52,6 +55,22 @@ class TrainConfig(StrictModel):
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas {list(self.adam_betas)} must both be in [0, 1); e.g. [0.9, 0.98]")
         return self
+
+    def check(self, adapter, where: str) -> None:
+        """What the model and this machine allow (validate time): fp16 needs a GPU, patch dropout a family whose
+        vision output may have any number of tokens. `where` names the block in messages, e.g. "distill.train"."""
+        from ..errors import VlmCompressError
+
+        if self.mixed_precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise VlmCompressError(f"{where}.mixed_precision: fp16 needs a GPU and this machine has none; "
+                                       "allowed here: no, bf16")
+        if self.patch_dropout and not adapter.variable_vision_tokens:
+            raise VlmCompressError(f"{where}.patch_dropout: {self.patch_dropout} given, but the {adapter.family} "
+                                   "family needs every image token (its prompt has a fixed number of image slots); "
+                                   "set patch_dropout: 0")
 
     def total_steps(self, train_size: int | None) -> int:
         """Optimizer steps: `steps`, or `epochs × train_size` samples in steps of `batch_size × grad_accum` (times

@@ -146,7 +146,7 @@ class Trainer:
         t0, samples = time.perf_counter(), 0
         self.model.train()
         with Progress(self.name, total=self.total, unit="steps", enabled=self.progress and
-                      accelerator.is_main_process) as bar:
+                      accelerator.is_main_process) as bar, self._patch_dropout():
             bar.update(completed=start)
             for step in range(start, self.total):
                 factor = cfg.lr_factor(step, self.total)
@@ -207,7 +207,7 @@ class Trainer:
                 "loss_first": round(losses[0], 5) if losses else None,
                 "loss_last": round(losses[-1], 5) if losses else None,
                 "loss_curve": [round(x, 5) for x in losses[:: max(1, len(losses) // 50)]],
-                "best": best, "mixed_precision": cfg.mixed_precision}
+                "best": best, "mixed_precision": cfg.mixed_precision, "patch_dropout": cfg.patch_dropout or None}
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -224,6 +224,20 @@ class Trainer:
                 if ps:
                     out.append({"params": ps, "weight_decay": w, "peak_lr": lr, "lr": lr, "name": g.name})
         return out
+
+    def _patch_dropout(self):
+        """`train.patch_dropout` on the model's vision tower, for the training forwards only (patch_dropout.py)."""
+        from .patch_dropout import patch_dropout
+
+        rate = self.config.patch_dropout
+        if rate:
+            self.config.check(self.ctx.adapter, f"{self.name}.train")
+            if getattr(self.ctx, "compression", {}).get("token_reduction"):
+                raise VlmCompressError(f"{self.name}.train.patch_dropout: token reduction runs before it and "
+                                       "expects every patch token; set patch_dropout: 0, or move token_reduce "
+                                       "after this stage")
+        adapter = getattr(self.ctx, "adapter", None)
+        return patch_dropout(self.model, adapter.vision_tower(self.model) if rate else None, rate)
 
     def _freeze_unused(self) -> None:
         """One eval-mode forward / backward on the first micro-batch (no dropout: no random numbers drawn); the

@@ -114,6 +114,12 @@ class DistillStage(Stage):
         keep = self.keep(model, adapter)
         self.maps(model, adapter, keep)
         self._check_reloads(model, adapter, keep)
+        self.config.train.check(adapter, "distill.train")
+        if self.config.train.patch_dropout and "vision" in keep and (self.config.loss.hidden or
+                                                                     self.config.loss.attention):
+            raise VlmCompressError("distill.train.patch_dropout: the student's vision hidden states and attention "
+                                   "maps would have fewer tokens than the teacher's; set loss.hidden and "
+                                   "loss.attention to 0, or patch_dropout: 0")
         for component in self.config.lr_scale:
             if component not in adapter.component_paths:
                 raise VlmCompressError(f"distill.lr_scale.{component}: the {adapter.family} family has no {component}; "

@@ -104,12 +104,7 @@ class FinetuneStage(Stage):
 
     def check(self, model, adapter) -> None:
         cfg = self.config
-        if cfg.train.mixed_precision == "fp16":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise VlmCompressError("finetune.train.mixed_precision: fp16 needs a GPU and this machine has none; "
-                                       "allowed here: no, bf16")
+        cfg.train.check(adapter, "finetune.train")
         if cfg.lora is not None:
             linear = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
             check_selectors(cfg.lora.targets, linear, "finetune.lora.targets")
