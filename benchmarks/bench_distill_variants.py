@@ -89,7 +89,8 @@ def contrastive(model, processor, rows, rng: random.Random | None) -> torch.Tens
     return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(image_to_text[:, :n].t(), labels)) / 2
 
 
-def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval_every: int | None = None) -> dict:
+def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval_every: int | None = None,
+                  lr: float = LR) -> dict:
     from vlmcompress.adapters import BUILTIN_TINY
     from vlmcompress.data import batches
     from vlmcompress.data.schema import DataSource
@@ -97,7 +98,7 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval
     from vlmcompress.train import TrainConfig
     from vlmcompress.train.trainer import no_decay
 
-    cfg = TrainConfig(steps=steps, batch_size=BATCH_SIZE, lr=LR, weight_decay=0.05, warmup=0.05)
+    cfg = TrainConfig(steps=steps, batch_size=BATCH_SIZE, lr=lr, weight_decay=0.05, warmup=0.05)
     torch.manual_seed(seed)
     model = copy.deepcopy(teacher).train()
     stacks = BUILTIN_TINY["tiny-clip"].layer_stacks(model)
@@ -112,10 +113,11 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval
         torch.manual_seed(seed + 1)
         fresh = type(model)(copy.deepcopy(model.config))
         model.text_model.encoder.layers[0].load_state_dict(fresh.text_model.encoder.layers[0].state_dict())
+    began = time.perf_counter()  # minutes count the mimic-init's text-only steps too
     if name == "mimic-init":
         from bench_text_mimic import mimic_text
 
-        mimic_text(model, teacher, processor, 200, 256, LR, log=False)
+        mimic_text(model, teacher, processor, 200, 256, lr, log=False)
     if name == "logit-scale":
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / 0.07))
@@ -130,7 +132,7 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval
                               "weight_decay": cfg.weight_decay},
                              {"params": [p for n, p in trained if no_decay(n, p)], "weight_decay": 0.0}], lr=cfg.lr)
     fade_steps, rng = max(1, steps // 2), random.Random(seed) if name == "hard-negatives" else None
-    start, trace, recall_trace = time.perf_counter(), [], []
+    trace, recall_trace = [], []
     for step, rows in enumerate(batches(DataSource(builtin="shapes", split="train"), 80, seed, steps * cfg.batch_size,
                                           cfg.batch_size)):
         for group in opt.param_groups:
@@ -155,7 +157,7 @@ def train_variant(name: str, teacher, processor, steps: int, seed: int = 0, eval
                 model.vision_model.eval()
     model.eval()
     layers = {c: len(model.get_submodule(s.layers_path)) for c, s in stacks.items()}
-    return {"variant": name, "layers": layers, "minutes": round((time.perf_counter() - start) / 60, 1),
+    return {"variant": name, "layers": layers, "minutes": round((time.perf_counter() - began) / 60, 1),
             "loss_trace": trace, "recall_trace": recall_trace} | shapes_recall(model, processor)
 
 
@@ -163,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--lr", type=float, default=LR, help="peak learning rate")
     parser.add_argument("--eval-every", type=int, default=None, help="R@1 on 1,000 test pairs every N steps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -175,11 +178,12 @@ def main() -> None:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             sys.exit(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}")
-        rows.append(train_variant(name, teacher, processor, args.steps, eval_every=args.eval_every))
+        rows.append(train_variant(name, teacher, processor, args.steps, eval_every=args.eval_every,
+                                  lr=args.lr))
         rows[-1]["of_teacher"] = round(rows[-1]["recall@1"] / rows[0]["recall@1"], 4)
         print({k: v for k, v in rows[-1].items() if k not in ("loss_trace", "recall_trace")}, flush=True)
     write_json({"machine": machine_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
-                "command": " ".join(sys.argv), "steps": args.steps, "batch_size": BATCH_SIZE, "lr": LR,
+                "command": " ".join(sys.argv), "steps": args.steps, "batch_size": BATCH_SIZE, "lr": args.lr,
                 "threads": torch.get_num_threads(), "rows": rows}, args.json)
 
 

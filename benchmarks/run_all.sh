@@ -64,3 +64,15 @@ timed $PY $D --throughput --json $R/distill_throughput.json
 $PY benchmarks/bench_depth_ceiling.py --text-layers 1 --vision-layers 2 --steps 1000 --json $R/depth_ceiling_v2t1_1000.json
 $PY benchmarks/bench_text_mimic.py --steps 1500 --json $R/text_mimic_1500.json
 $PY benchmarks/bench_distill_variants.py --steps 300 --json $R/distill_variants_300.json
+$PY benchmarks/bench_distill_variants.py --steps 600 --variants text-reinit,abrupt --eval-every 100 \
+    --json $R/distill_variants_600_text_reinit.json
+$PY benchmarks/bench_distill_variants.py --steps 600 --variants mimic-init --eval-every 100 \
+    --json $R/distill_variants_600_mimic_init.json
+$PY benchmarks/bench_distill_variants.py --steps 600 --lr 4e-3 --variants abrupt --eval-every 100 \
+    --json $R/distill_variants_600_lr4e-3.json
+timed $PY benchmarks/bench_patch_dropout.py --json $R/patch_dropout_speed.json
+for P in 0.5 0.75; do
+    $PY $D --model shapes-clip --steps 300 --finetune-steps 0 --lr 2e-3 --students "half vision + half text" \
+        --train "{\"batch_size\":128,\"weight_decay\":0.05,\"patch_dropout\":$P}" --loss '{"logits":0,"hidden":0}' \
+        --json $R/distill_patch_dropout_${P}_300.json
+done
