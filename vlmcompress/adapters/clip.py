@@ -15,9 +15,8 @@ from .base import (
     _patch_tokens,
     _pixel_values,
     _seeded_init,
-    same_ids_mask,
-    same_text_mask,
 )
+from .global_batch import gather_rows, global_same_text, id_keys, text_keys, world_size
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    image_size=32, patch_size=4, num_channels=3, initializer_range=0.02)
@@ -88,10 +87,11 @@ def contrastive_loss(model: nn.Module, processor, rows: list[dict]) -> torch.Ten
 
 
 def dual_encoder_batch(processor, rows: list[dict], **text_kwargs) -> dict[str, torch.Tensor]:
-    """Tokenised captions and pixel values of `rows`, with `same_text` (equal captions are not negatives)."""
+    """Tokenised captions and pixel values of `rows`, with `text_key` (`[B]` int64, equal for equal captions, which
+    are not each other's negatives)."""
     texts = [r["text"] for r in rows]
     batch = dict(processor(text=texts, images=[r["image"] for r in rows], return_tensors="pt", **text_kwargs))
-    return batch | {"same_text": same_text_mask(texts)}
+    return batch | {"text_key": text_keys(texts)}
 
 
 def symmetric_cross_entropy(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -102,16 +102,33 @@ def symmetric_cross_entropy(logits: torch.Tensor, same: torch.Tensor) -> torch.T
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def _same(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    same = batch.get("same_text")
-    return same_ids_mask(batch["input_ids"]) if same is None else same
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without what only the loss reads."""
+    return {k: v for k, v in batch.items() if k not in ("text_key", "same_text")}
+
+
+def global_logits(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-to-text logits over every process's rows (`[N·B, N·B]`, rank order, differentiable; `global_batch.py`)
+    and `same` (`[N·B, N·B]` bool, equal captions); with one process, the model's own `logits_per_image`.
+    A model with a `logit_bias` (SigLIP) adds it, as its forward does."""
+    keys = batch.get("text_key")
+    if keys is None:  # a batch built from tensors, without its texts
+        keys = id_keys(batch["input_ids"], batch.get("attention_mask"))
+    if world_size() == 1:
+        return out.logits_per_image, global_same_text(keys)
+    core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    text = gather_rows(out.text_embeds) @ gather_rows(out.image_embeds).t() * core.logit_scale.exp()
+    if getattr(core, "logit_bias", None) is not None:
+        text = text + core.logit_bias
+    return text.t(), global_same_text(keys)
 
 
 def clip_train_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> TrainOutputs:
-    """Contrastive loss; the logits are the image-to-text and text-to-image similarity rows."""
-    out = model(**{k: v for k, v in batch.items() if k != "same_text"})
-    logits = out.logits_per_image
-    return TrainOutputs(symmetric_cross_entropy(logits, _same(batch).to(logits.device)),
+    """Contrastive loss over the global batch (every process's rows); the logits are the image-to-text and
+    text-to-image similarity rows."""
+    out = model(**model_inputs(batch))
+    logits, same = global_logits(model, out, batch)
+    return TrainOutputs(symmetric_cross_entropy(logits, same.to(logits.device)),
                         {"image_to_text": logits, "text_to_image": logits.t()},
                         {"image": out.image_embeds, "text": out.text_embeds})
 

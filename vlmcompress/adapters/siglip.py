@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TrainOutputs, VisionTower, _patch_tokens, _seeded_init
-from .clip import TINY_TEXT, TINY_VISION, CLIPAdapter, _dual_encoder_inputs, _same
+from .clip import TINY_TEXT, TINY_VISION, CLIPAdapter, _dual_encoder_inputs, global_logits, model_inputs
 
 
 class SiglipAdapter(CLIPAdapter):
@@ -46,9 +46,10 @@ def sigmoid_loss(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
 
 
 def siglip_train_outputs(model, batch: dict[str, torch.Tensor]) -> TrainOutputs:
-    out = model(**{k: v for k, v in batch.items() if k != "same_text"})
-    logits = out.logits_per_image
-    return TrainOutputs(sigmoid_loss(logits, _same(batch).to(logits.device)),
+    """The sigmoid loss over the global batch (every process's rows, as SigLIP's all-pairs loss)."""
+    out = model(**model_inputs(batch))
+    logits, same = global_logits(model, out, batch)
+    return TrainOutputs(sigmoid_loss(logits, same.to(logits.device)),
                         {"image_to_text": logits, "text_to_image": logits.t()},
                         {"image": out.image_embeds, "text": out.text_embeds})
 

@@ -3,10 +3,11 @@
 A stage gives it a model, a loss function and the parameter groups to train, and calls `fit()`; no stage writes a
 loop. Underneath: `accelerate.Accelerator` (device placement, `prepare`, `backward`, mixed precision, multi-process
 data parallelism when launched that way), AdamW with a linear warm-up then cosine decay set per step from
-`TrainConfig.lr_factor`, global gradient-norm clipping, gradient accumulation, optional gradient checkpointing,
-evaluation every `eval_every` steps keeping the best step, training state saved every `save_every` steps
-(`state.py`: safetensors + JSON, resumed by `apply --resume`), and progress (step, loss and its terms, lr,
-samples/s, ETA) on the shared progress display; `log_with` sends the same scalars to TensorBoard or wandb.
+`TrainConfig.lr_factor`, global gradient-norm clipping, gradient accumulation, optional gradient checkpointing and
+patch dropout (`patch_dropout.py`), evaluation every `eval_every` steps keeping the best step, training state saved
+every `save_every` steps (`state.py`: safetensors + JSON, resumed by `apply --resume`), and progress (step, loss and
+its terms, lr, samples/s, ETA) on the shared progress display; `log_with` sends the same scalars to TensorBoard or
+wandb.
 
 Data: optimizer step `s`, micro-batch `m` of process `r` (of `W`) reads the rows `((s·G + m)·W + r)·B ...` of
 `data.train` (`RunContext.rows`), so the data a step sees depends on the step alone: a resumed run reads what the
@@ -230,14 +231,13 @@ class Trainer:
         from .patch_dropout import patch_dropout
 
         rate = self.config.patch_dropout
-        if rate:
-            self.config.check(self.ctx.adapter, f"{self.name}.train")
-            if getattr(self.ctx, "compression", {}).get("token_reduction"):
-                raise VlmCompressError(f"{self.name}.train.patch_dropout: token reduction runs before it and "
-                                       "expects every patch token; set patch_dropout: 0, or move token_reduce "
-                                       "after this stage")
-        adapter = getattr(self.ctx, "adapter", None)
-        return patch_dropout(self.model, adapter.vision_tower(self.model) if rate else None, rate)
+        if not rate:
+            return patch_dropout(self.model, None, 0.0)
+        self.config.check(self.ctx.adapter, f"{self.name}.train")
+        if getattr(self.ctx, "compression", {}).get("token_reduction"):
+            raise VlmCompressError(f"{self.name}.train.patch_dropout: token reduction runs before it and expects "
+                                   "every patch token; set patch_dropout: 0, or move token_reduce after this stage")
+        return patch_dropout(self.model, self.ctx.adapter.vision_tower(self.model), rate)
 
     def _freeze_unused(self) -> None:
         """One eval-mode forward / backward on the first micro-batch (no dropout: no random numbers drawn); the
