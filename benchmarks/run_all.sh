@@ -59,6 +59,9 @@ timed $PY $D --model shapes-clip --steps 1050 --lr 2e-3 --students "half vision 
 timed $PY $D --model shapes-clip --steps 3800 --finetune-steps 0 --lr 2e-3 --students "half vision + half text" \
     --train '{"batch_size":128,"weight_decay":0.05}' --loss '{"logits":0,"hidden":0}' \
     --json $R/distill_shapes_clip_3800_vt_taskonly.json
+# the same student on 2 processes (one thread each): the row is in out/shapes-clip-v2t1-2proc/report.json
+OMP_NUM_THREADS=1 timed $PY -m torch.distributed.run --nproc_per_node 2 -m vlmcompress apply \
+    $R/distill_shapes_clip_1600_vt_2proc.yaml --overwrite
 timed $PY $D --model shapes-llava --steps 150 --json $R/distill_shapes_llava.json
 timed $PY $D --throughput --json $R/distill_throughput.json
 $PY benchmarks/bench_depth_ceiling.py --text-layers 1 --vision-layers 2 --steps 1000 --json $R/depth_ceiling_v2t1_1000.json
