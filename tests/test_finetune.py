@@ -345,3 +345,14 @@ def test_gradient_checkpointing_after_token_reduction_is_refused(tmp_path):
                    before="  - method: token_reduce\n    r: 4\n")
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 1 and "gradient_checkpointing" in result.output and "token reduction" in result.output
+
+
+def test_batches_and_the_teacher_follow_the_students_device():
+    # the meta device stands in for a GPU here: collate builds CPU tensors, accelerate puts the student elsewhere
+    from vlmcompress.train.trainer import on_model_device
+
+    student, teacher = torch.nn.Linear(2, 2).to("meta"), torch.nn.Linear(2, 2)
+    moved = on_model_device(student, {"pixel_values": torch.ones(3, 2), "texts": ["a", "b", "c"]}, teacher)
+    assert moved["pixel_values"].device.type == "meta" and moved["texts"] == ["a", "b", "c"]
+    assert next(teacher.parameters()).device.type == "meta"
+    assert on_model_device(torch.nn.Linear(2, 2), {"x": torch.ones(1)})["x"].device.type == "cpu"

@@ -114,6 +114,7 @@ def global_logits(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tupl
     keys = batch.get("text_key")
     if keys is None:  # a batch built from tensors, without its texts
         keys = id_keys(batch["input_ids"], batch.get("attention_mask"))
+    keys = keys.to(out.image_embeds.device)  # NCCL gathers only GPU tensors
     if world_size() == 1:
         return out.logits_per_image, global_same_text(keys)
     core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module

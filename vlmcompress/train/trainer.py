@@ -55,6 +55,15 @@ class ParamGroup:
 LossFn = Callable[[nn.Module, list[dict]], LossOutput]
 
 
+def on_model_device(model: nn.Module, batch: dict[str, Any], teacher: nn.Module | None = None) -> dict[str, Any]:
+    """`batch`'s tensors on the device of `model`'s parameters, where `accelerate` placed it (a GPU when there is
+    one; collate builds batches on the CPU), with the frozen `teacher` moved there too (a no-op once it is)."""
+    device = next(model.parameters()).device
+    if teacher is not None:
+        teacher.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def key_biases(model: nn.Module, adapter) -> set[str]:
     """Names of the separate key-projection biases of every attention module. They cannot change any output (a
     query's logits all shift by the same q · b_k, and softmax ignores a shift), so their gradient is rounding noise,
@@ -113,6 +122,7 @@ class Trainer:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
                                   project_dir=None if log_dir is None else str(log_dir),
                                   cpu=not torch.cuda.is_available())
+        home = next(self.model.parameters()).device  # where the rest of the pipeline keeps the model
         world, rank = accelerator.num_processes, accelerator.process_index
         micro = cfg.batch_size
         rows_per_step = micro * cfg.grad_accum * world
@@ -199,7 +209,7 @@ class Trainer:
             with torch.no_grad():  # end at the best evaluated step
                 for n, t in best_tensors.items():
                     named[n].copy_(t)
-        self.model = accelerator.unwrap_model(model)
+        self.model = accelerator.unwrap_model(model).to(home)  # trained on accelerate's device, handed back home
         accelerator.free_memory()
         return {"steps": self.total, "resumed_from_step": start or None, "seconds": round(seconds, 2),
                 "samples_per_s": round(samples / max(seconds, 1e-9), 2) if samples else None,

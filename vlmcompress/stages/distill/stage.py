@@ -232,18 +232,18 @@ class DistillStage(Stage):
 
     def _loss_fn(self, ctx, stacks, keep, maps, attention_maps):
         from ...train.losses import attention_mse, embedding_distance, hidden_mse, logit_distillation
-        from ...train.trainer import LossOutput
+        from ...train.trainer import LossOutput, on_model_device
 
         adapter, processor, w = ctx.adapter, ctx.processor, self.config.loss
         want_hidden, want_attention = w.hidden > 0, w.attention > 0
+        need_teacher = w.logits > 0 or w.embedding > 0 or want_hidden or want_attention
 
         def loss(model, rows):
             import torch
 
-            batch = adapter.collate(processor, rows)
+            batch = on_model_device(model, adapter.collate(processor, rows), ctx.teacher if need_teacher else None)
             with _capture(_unwrap(model), stacks, keep, want_hidden, want_attention) as got:
                 out = adapter.train_outputs(model, batch)
-            need_teacher = w.logits > 0 or w.embedding > 0 or want_hidden or want_attention
             if need_teacher:
                 with torch.no_grad(), _capture(ctx.teacher, stacks, keep, want_hidden, want_attention) as want:
                     teacher = adapter.train_outputs(ctx.teacher, batch)

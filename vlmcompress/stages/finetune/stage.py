@@ -201,14 +201,15 @@ class FinetuneStage(Stage):
 
     def _loss_fn(self, ctx: RunContext):
         from ...train.losses import logit_distillation
-        from ...train.trainer import LossOutput
+        from ...train.trainer import LossOutput, on_model_device
 
         adapter, processor, weights = ctx.adapter, ctx.processor, self.config.loss
 
         def loss(model, rows: list[dict]) -> LossOutput:
             import torch
 
-            batch = adapter.collate(processor, rows)
+            batch = on_model_device(model, adapter.collate(processor, rows),
+                                    ctx.teacher if weights.logits > 0 else None)
             out = adapter.train_outputs(model, batch)
             terms = {}
             total = 0.0
