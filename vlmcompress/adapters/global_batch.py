@@ -20,17 +20,21 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    """`[B, ...]` of every process concatenated in rank order (no gradient)."""
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather along dim 0; backward: the sum over processes of the gradient of this process's rows (all-reduce,
     then this rank's slice; gloo and NCCL both have it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        dist = torch.distributed
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), x.shape[0]
+        return _all_gather(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -47,26 +51,26 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     """`[B]` int64 row keys → `[N·B]`, rank order (no gradient)."""
-    if world_size() == 1:
-        return keys
-    out = [torch.empty_like(keys) for _ in range(world_size())]
-    torch.distributed.all_gather(out, keys.contiguous())
-    return torch.cat(out)
+    return keys if world_size() == 1 else _all_gather(keys)
+
+
+def _hash64(data: bytes) -> int:
+    """A stable signed 64-bit hash (Python's own `hash` differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def text_keys(texts: list[str]) -> torch.Tensor:
-    """`[B]` int64: a stable 64-bit hash per caption (equal captions, equal keys, in every process; Python's own
-    `hash` differs between processes)."""
-    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
-                         for t in texts], dtype=torch.int64)
+    """`[B]` int64: one key per caption, equal for equal captions in every process."""
+    return torch.tensor([_hash64(t.encode()) for t in texts], dtype=torch.int64)
 
 
 def id_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`[B]` int64 keys of token-id rows (padding left out), for batches built from tensors rather than texts."""
-    rows = [ids[mask.bool()] if mask is not None else ids
-            for ids, mask in zip(input_ids, attention_mask if attention_mask is not None else [None] * len(input_ids))]
-    return torch.tensor([int.from_bytes(hashlib.blake2b(r.cpu().numpy().tobytes(), digest_size=8).digest(), "little",
-                                        signed=True) for r in rows], dtype=torch.int64)
+    if attention_mask is not None:
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+    else:
+        rows = list(input_ids)
+    return torch.tensor([_hash64(r.cpu().numpy().tobytes()) for r in rows], dtype=torch.int64)
 
 
 def global_same_text(keys: torch.Tensor) -> torch.Tensor:

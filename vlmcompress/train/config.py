@@ -57,8 +57,9 @@ class TrainConfig(StrictModel):
         return self
 
     def check(self, adapter, where: str) -> None:
-        """What the model and this machine allow (validate time): fp16 needs a GPU, patch dropout a family whose
-        vision output may have any number of tokens. `where` names the block in messages, e.g. "distill.train"."""
+        """What the model and this machine allow (validate time, and again when training starts): fp16 needs a GPU,
+        patch dropout a family (`adapter`) whose vision output may have any number of tokens. `where` names the block
+        in messages, e.g. "distill.train"."""
         from ..errors import VlmCompressError
 
         if self.mixed_precision == "fp16":
@@ -67,6 +68,9 @@ class TrainConfig(StrictModel):
             if not torch.cuda.is_available():
                 raise VlmCompressError(f"{where}.mixed_precision: fp16 needs a GPU and this machine has none; "
                                        "allowed here: no, bf16")
+        if self.patch_dropout and adapter is None:
+            raise VlmCompressError(f"{where}.patch_dropout: {self.patch_dropout} given, but no model family is known "
+                                   "to find the vision tower in; set patch_dropout: 0")
         if self.patch_dropout and not adapter.variable_vision_tokens:
             raise VlmCompressError(f"{where}.patch_dropout: {self.patch_dropout} given, but the {adapter.family} "
                                    "family needs every image token (its prompt has a fixed number of image slots); "

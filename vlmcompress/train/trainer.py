@@ -59,7 +59,7 @@ def on_model_device(model: nn.Module, batch: dict[str, Any], teacher: nn.Module 
     """`batch`'s tensors on the device of `model`'s parameters, where `accelerate` placed it (a GPU when there is
     one; collate builds batches on the CPU), with the frozen `teacher` moved there too (a no-op once it is)."""
     device = next(model.parameters()).device
-    if teacher is not None:
+    if teacher is not None and next(teacher.parameters()).device != device:  # once, not every step
         teacher.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -112,8 +112,7 @@ class Trainer:
         from accelerate import Accelerator
 
         cfg = self.config
-        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise VlmCompressError("train.mixed_precision: fp16 needs a GPU and this machine has none; use bf16 or no")
+        cfg.check(getattr(self.ctx, "adapter", None), f"{self.name}.train")
         if cfg.log_with == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline")
         log_dir = self._log_dir()
@@ -243,7 +242,6 @@ class Trainer:
         rate = self.config.patch_dropout
         if not rate:
             return patch_dropout(self.model, None, 0.0)
-        self.config.check(self.ctx.adapter, f"{self.name}.train")
         if getattr(self.ctx, "compression", {}).get("token_reduction"):
             raise VlmCompressError(f"{self.name}.train.patch_dropout: token reduction runs before it and expects "
                                    "every patch token; set patch_dropout: 0, or move token_reduce after this stage")
